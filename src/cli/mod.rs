@@ -1,0 +1,151 @@
+//! The `kas` command line: `serve` runs the server; the other commands manage the registry
+//! directly in the database or act as GitLab's and an agent's clients.
+
+mod registry;
+
+use std::fmt;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{ConfigError, Settings, StoreSettings};
+use crate::domain::InvalidValue;
+use crate::store::StoreError;
+
+pub use registry::{AgentCommand, ProjectCommand, TokenCommand};
+
+/// kas: GitLab agent server for push notifications to Kubernetes agents.
+#[derive(Debug, Parser)]
+#[command(name = "kas", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (migrates the database first)
+    Serve(Box<Settings>),
+    /// Apply database migrations and exit
+    Migrate(StoreSettings),
+    /// Manage agents
+    Agent {
+        /// Action.
+        #[command(subcommand)]
+        action: AgentCommand,
+    },
+    /// Manage agent tokens
+    Token {
+        /// Action.
+        #[command(subcommand)]
+        action: TokenCommand,
+    },
+    /// Manage the project registry
+    Project {
+        /// Action.
+        #[command(subcommand)]
+        action: ProjectCommand,
+    },
+}
+
+/// Why a command failed; printed as one line.
+#[derive(Debug)]
+pub enum CliError {
+    /// A configuration value is unusable.
+    Config(ConfigError),
+    /// An argument is invalid.
+    Invalid(InvalidValue),
+    /// Storage refused or failed.
+    Store(StoreError),
+    /// Anything else, already in words.
+    Other(String),
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Config(e) => write!(f, "{e}"),
+            Self::Invalid(e) => write!(f, "{e}"),
+            Self::Store(e) => write!(f, "{e}"),
+            Self::Other(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        Self::Config(e)
+    }
+}
+impl From<InvalidValue> for CliError {
+    fn from(e: InvalidValue) -> Self {
+        Self::Invalid(e)
+    }
+}
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+/// Runs every command except `serve`, writing results to `out`.
+pub async fn run(command: Command, out: &mut impl std::io::Write) -> Result<(), CliError> {
+    match command {
+        Command::Serve(_) => Err(CliError::Other("serve is run by main".into())),
+        Command::Migrate(settings) => {
+            let store = crate::store::open(&settings.resolve()?).await?;
+            store.migrate().await?;
+            writeln!(out, "database is up to date").map_err(io)?;
+            store.close().await;
+            Ok(())
+        }
+        Command::Agent { action } => registry::agent(action, out).await,
+        Command::Token { action } => registry::token(action, out).await,
+        Command::Project { action } => registry::project(action, out).await,
+    }
+}
+
+pub(crate) fn io(e: std::io::Error) -> CliError {
+    CliError::Other(format!("cannot write output: {e}"))
+}
+
+/// Formats Unix milliseconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub fn format_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_time(1_795_000_000_123), "2026-11-18T09:46:40Z");
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,596 @@
+//! Configuration: flags, then `KAS_…` environment variables, then an optional TOML file, then
+//! defaults. Every value is parsed here, once; a bad value stops the start with a message that
+//! names the setting.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A value that must never reach a log: `Debug` and `Display` print `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    /// Wraps a secret value.
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A setting that could not be used, named as the user wrote it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value that does not parse or is out of range.
+    #[error("invalid {setting}: {reason}")]
+    Invalid {
+        /// `--flag` / `KAS_ENV` / `toml_key` of the setting.
+        setting: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The configuration file could not be read or parsed.
+    #[error("configuration file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Certificate and key files for TLS on every listener.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+macro_rules! settings {
+    ($( $(#[$doc:meta])* $field:ident => $env:literal ),* $(,)?) => {
+        /// Raw settings as given by flags, environment and file; every value still a string.
+        #[derive(clap::Args, Debug, Default, Clone, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct Settings {
+            /// Optional TOML file with any of the settings below (keys in snake_case).
+            #[arg(long, env = "KAS_CONFIG")]
+            #[serde(skip)]
+            pub config: Option<PathBuf>,
+            $(
+                $(#[$doc])*
+                #[arg(long, env = $env)]
+                #[serde(deserialize_with = "scalar_as_string")]
+                pub $field: Option<String>,
+            )*
+        }
+
+        impl Settings {
+            /// Fills every unset value from `other` (lower precedence).
+            fn or(self, other: Settings) -> Settings {
+                Settings {
+                    config: self.config.or(other.config),
+                    $( $field: self.$field.or(other.$field), )*
+                }
+            }
+        }
+
+        /// `--flag (KAS_ENV)` for a field name, used in error messages.
+        fn setting_name(field: &str) -> String {
+            match field {
+                $( stringify!($field) => format!("--{} ({})", stringify!($field).replace('_', "-"), $env), )*
+                other => other.to_owned(),
+            }
+        }
+    };
+}
+
+settings! {
+    /// Listener for webhooks, health and metrics [default: 127.0.0.1:8080]
+    http_addr => "KAS_HTTP_ADDR",
+    /// Listener for agents (gRPC and gRPC over WebSocket) [default: 127.0.0.1:8150]
+    agent_addr => "KAS_AGENT_ADDR",
+    /// Listener for GitLab (GitPushEvent, connected agents) [default: 127.0.0.1:8153]
+    api_addr => "KAS_API_ADDR",
+    /// Database URL, sqlite://… or postgres://… [default: sqlite://<data dir>/kas.db]
+    database_url => "KAS_DATABASE_URL",
+    /// Data directory for the embedded database and generated secrets [default: ./kas-data]
+    data_dir => "KAS_DATA_DIR",
+    /// Redis URL; unset runs the in-process engine (single replica)
+    redis_url => "KAS_REDIS_URL",
+    /// Prefix of every Redis key and channel [default: kas]
+    redis_prefix => "KAS_REDIS_PREFIX",
+    /// File with the webhook secret(s), one per line [default: generated in the data dir]
+    webhook_secret_file => "KAS_WEBHOOK_SECRET_FILE",
+    /// File with GitLab's base64 shared secret (.gitlab_kas_secret); unset rejects GitLab calls
+    gitlab_secret_file => "KAS_GITLAB_SECRET_FILE",
+    /// How long an agent that reconnects still gets what it missed [default: 15m]
+    replay_window => "KAS_REPLAY_WINDOW",
+    /// How long recorded push events are kept [default: 7d]
+    event_retention => "KAS_EVENT_RETENTION",
+    /// Largest webhook body accepted, in bytes (or with KiB/MiB) [default: 1MiB]
+    webhook_body_limit => "KAS_WEBHOOK_BODY_LIMIT",
+    /// Log format: text or json [default: text]
+    log_format => "KAS_LOG_FORMAT",
+    /// PEM certificate chain; with --tls-key-file enables TLS on every listener
+    tls_cert_file => "KAS_TLS_CERT_FILE",
+    /// PEM private key for --tls-cert-file
+    tls_key_file => "KAS_TLS_KEY_FILE",
+    /// Longest wait for streams and connections to finish at shutdown [default: 20s]
+    shutdown_grace => "KAS_SHUTDOWN_GRACE",
+    /// Agent connections older than this are asked to reconnect (±10% jitter) [default: 30m]
+    max_connection_age => "KAS_MAX_CONNECTION_AGE",
+    /// GitLab's external URL, sent to agents so Flux can match its GitRepository URLs
+    gitlab_external_url => "KAS_GITLAB_EXTERNAL_URL",
+    /// Name of this replica in connection state and logs [default: host name and a random suffix]
+    replica_name => "KAS_REPLICA_NAME",
+    /// How often open agent streams re-check that their token is still valid [default: 5s]
+    token_recheck => "KAS_TOKEN_RECHECK",
+    /// GitLab's internal URL; when set, agents, tokens and access come from GitLab
+    gitlab_url => "KAS_GITLAB_URL",
+    /// File with a GitLab API token that can read agent configuration files (GitLab mode)
+    gitlab_api_token_file => "KAS_GITLAB_API_TOKEN_FILE",
+}
+
+/// The settings the registry commands need: where the database is.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct StoreSettings {
+    /// Optional TOML file (the same file `kas serve` reads)
+    #[arg(long, env = "KAS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Database URL, sqlite://… or postgres://… [default: sqlite://<data dir>/kas.db]
+    #[arg(long, env = "KAS_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Data directory of the embedded database [default: ./kas-data]
+    #[arg(long, env = "KAS_DATA_DIR")]
+    pub data_dir: Option<String>,
+}
+
+/// Where the database is and where local files go.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `sqlite://…` or `postgres://…`; may hold a password.
+    pub database_url: Secret<String>,
+    /// Directory for the embedded database and generated secrets.
+    pub data_dir: PathBuf,
+}
+
+/// Fully resolved configuration of `kas serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Database and data directory.
+    pub store: StoreConfig,
+    /// HTTP listener address.
+    pub http_addr: SocketAddr,
+    /// Agent gRPC listener address.
+    pub agent_addr: SocketAddr,
+    /// GitLab-facing gRPC listener address.
+    pub api_addr: SocketAddr,
+    /// Redis URL; `None` selects the in-process engine.
+    pub redis_url: Option<Secret<String>>,
+    /// Prefix of Redis keys and channels.
+    pub redis_prefix: String,
+    /// Webhook secret file; `None` means `<data dir>/webhook-secret`, generated if missing.
+    pub webhook_secret_file: Option<PathBuf>,
+    /// GitLab's shared secret file.
+    pub gitlab_secret_file: Option<PathBuf>,
+    /// Replay window for reconnecting agents.
+    pub replay_window: Duration,
+    /// Retention of the push-event log.
+    pub event_retention: Duration,
+    /// Webhook body limit in bytes.
+    pub webhook_body_limit: usize,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// TLS files, when TLS is on.
+    pub tls: Option<TlsFiles>,
+    /// Grace period for shutdown.
+    pub shutdown_grace: Duration,
+    /// Maximum agent connection age (before jitter).
+    pub max_connection_age: Duration,
+    /// GitLab's external URL for agent configuration.
+    pub gitlab_external_url: Option<String>,
+    /// This replica's name.
+    pub replica_name: String,
+    /// Interval of the token re-check on open streams.
+    pub token_recheck: Duration,
+    /// GitLab's URL for the GitLab-backed mode.
+    pub gitlab_url: Option<String>,
+    /// GitLab API token file (GitLab-backed mode).
+    pub gitlab_api_token_file: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Merges the file named by `--config` under these settings and resolves everything.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => Settings::default(),
+        };
+        let s = self.or(file);
+        let store = resolve_store(s.database_url.clone(), s.data_dir.clone())?;
+        let tls = match (&s.tls_cert_file, &s.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls_key_file",
+                    "required when a TLS certificate is set",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("tls_cert_file", "required when a TLS key is set"));
+            }
+        };
+        let redis_prefix = s.redis_prefix.unwrap_or_else(|| "kas".into());
+        if redis_prefix.is_empty() || redis_prefix.contains(['{', '}', ' ']) {
+            return Err(invalid(
+                "redis_prefix",
+                "must be non-empty, without braces or spaces",
+            ));
+        }
+        let gitlab_external_url = s
+            .gitlab_external_url
+            .map(|u| parse_url("gitlab_external_url", &u))
+            .transpose()?;
+        let gitlab_url = s
+            .gitlab_url
+            .map(|u| parse_url("gitlab_url", &u))
+            .transpose()?;
+        Ok(Config {
+            store,
+            http_addr: parse_addr(
+                "http_addr",
+                s.http_addr.as_deref().unwrap_or("127.0.0.1:8080"),
+            )?,
+            agent_addr: parse_addr(
+                "agent_addr",
+                s.agent_addr.as_deref().unwrap_or("127.0.0.1:8150"),
+            )?,
+            api_addr: parse_addr(
+                "api_addr",
+                s.api_addr.as_deref().unwrap_or("127.0.0.1:8153"),
+            )?,
+            redis_url: s.redis_url.filter(|u| !u.is_empty()).map(Secret::new),
+            redis_prefix,
+            webhook_secret_file: s.webhook_secret_file.map(PathBuf::from),
+            gitlab_secret_file: s.gitlab_secret_file.map(PathBuf::from),
+            replay_window: parse_duration_setting(
+                "replay_window",
+                s.replay_window.as_deref(),
+                "15m",
+            )?,
+            event_retention: parse_duration_setting(
+                "event_retention",
+                s.event_retention.as_deref(),
+                "7d",
+            )?,
+            webhook_body_limit: parse_size(
+                "webhook_body_limit",
+                s.webhook_body_limit.as_deref().unwrap_or("1MiB"),
+            )?,
+            log_format: parse_log_format(s.log_format.as_deref())?,
+            tls,
+            shutdown_grace: parse_duration_setting(
+                "shutdown_grace",
+                s.shutdown_grace.as_deref(),
+                "20s",
+            )?,
+            max_connection_age: parse_duration_setting(
+                "max_connection_age",
+                s.max_connection_age.as_deref(),
+                "30m",
+            )?,
+            gitlab_external_url,
+            replica_name: s.replica_name.unwrap_or_else(default_replica_name),
+            token_recheck: parse_duration_setting(
+                "token_recheck",
+                s.token_recheck.as_deref(),
+                "5s",
+            )?,
+            gitlab_url,
+            gitlab_api_token_file: s.gitlab_api_token_file.map(PathBuf::from),
+        })
+    }
+}
+
+impl StoreSettings {
+    /// Resolves the database location, reading the same TOML file as `kas serve`.
+    pub fn resolve(self) -> Result<StoreConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => Settings::default(),
+        };
+        resolve_store(
+            self.database_url.or(file.database_url),
+            self.data_dir.or(file.data_dir),
+        )
+    }
+}
+
+/// The log format alone, so logging can start before the rest is resolved.
+pub fn parse_log_format(raw: Option<&str>) -> Result<LogFormat, ConfigError> {
+    match raw.unwrap_or("text") {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(invalid(
+            "log_format",
+            format!("{other:?} is not text or json"),
+        )),
+    }
+}
+
+fn resolve_store(
+    database_url: Option<String>,
+    data_dir: Option<String>,
+) -> Result<StoreConfig, ConfigError> {
+    let data_dir = PathBuf::from(data_dir.unwrap_or_else(|| "./kas-data".into()));
+    let database_url = match database_url {
+        Some(url)
+            if url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://") =>
+        {
+            url
+        }
+        Some(_) => {
+            return Err(invalid(
+                "database_url",
+                "must start with sqlite: or postgres://",
+            ));
+        }
+        None => format!("sqlite://{}", data_dir.join("kas.db").display()),
+    };
+    Ok(StoreConfig {
+        database_url: Secret::new(database_url),
+        data_dir,
+    })
+}
+
+fn read_file(path: &Path) -> Result<Settings, ConfigError> {
+    let file_err = |reason: String| ConfigError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| file_err(e.message().to_owned()))
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting: setting_name(field),
+        reason: reason.into(),
+    }
+}
+
+fn parse_addr(field: &str, raw: &str) -> Result<SocketAddr, ConfigError> {
+    raw.to_socket_addrs()
+        .map_err(|e| invalid(field, format!("{raw:?}: {e}")))?
+        .next()
+        .ok_or_else(|| invalid(field, format!("{raw:?} resolves to no address")))
+}
+
+fn parse_url(field: &str, raw: &str) -> Result<String, ConfigError> {
+    let trimmed = raw.trim_end_matches('/');
+    let ok = (trimmed.starts_with("http://") || trimmed.starts_with("https://"))
+        && trimmed
+            .split("://")
+            .nth(1)
+            .is_some_and(|rest| !rest.is_empty());
+    if ok && trimmed.parse::<http::Uri>().is_ok() {
+        Ok(trimmed.to_owned())
+    } else {
+        Err(invalid(
+            field,
+            format!("{raw:?} is not an http:// or https:// URL"),
+        ))
+    }
+}
+
+fn parse_duration_setting(
+    field: &str,
+    raw: Option<&str>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let raw = raw.unwrap_or(default);
+    let d = parse_duration(raw).map_err(|reason| invalid(field, format!("{raw:?}: {reason}")))?;
+    if d.is_zero() {
+        return Err(invalid(field, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+/// Parses `500ms`, `30s`, `15m`, `2h`, `7d`, or a bare number of seconds.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| "expected a number followed by ms, s, m, h or d".to_owned())?;
+    let ms_per_unit: u64 = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => return Err(format!("unknown unit {other:?}; use ms, s, m, h or d")),
+    };
+    n.checked_mul(ms_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| "too large".to_owned())
+}
+
+fn parse_size(field: &str, raw: &str) -> Result<usize, ConfigError> {
+    let t = raw.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: usize = number
+        .parse()
+        .map_err(|_| invalid(field, format!("{raw:?} is not a size")))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1024,
+        "MiB" => 1024 * 1024,
+        other => {
+            return Err(invalid(
+                field,
+                format!("unknown unit {other:?}; use B, KiB or MiB"),
+            ));
+        }
+    };
+    match n.checked_mul(mult) {
+        Some(v) if v >= 1024 => Ok(v),
+        _ => Err(invalid(
+            field,
+            format!("{raw:?} must be between 1KiB and the address space"),
+        )),
+    }
+}
+
+fn default_replica_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kas".into());
+    let mut suffix = [0u8; 3];
+    let _ = getrandom::fill(&mut suffix);
+    format!("{host}-{:02x}{:02x}{:02x}", suffix[0], suffix[1], suffix[2])
+}
+
+/// TOML values may be strings, integers or booleans; they are kept as strings and parsed with
+/// the same code as flags, so a file and a flag fail the same way.
+fn scalar_as_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Str(String),
+        Int(i64),
+        Bool(bool),
+    }
+    Ok(Option::<Scalar>::deserialize(d)?.map(|s| match s {
+        Scalar::Str(s) => s,
+        Scalar::Int(i) => i.to_string(),
+        Scalar::Bool(b) => b.to_string(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> Settings {
+        let text: String = pairs
+            .iter()
+            .map(|(k, v)| format!("{k} = {v:?}\n"))
+            .collect();
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = Settings::default().resolve().unwrap();
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.agent_addr.to_string(), "127.0.0.1:8150");
+        assert_eq!(c.api_addr.to_string(), "127.0.0.1:8153");
+        assert_eq!(c.store.database_url.expose(), "sqlite://./kas-data/kas.db");
+        assert_eq!(c.replay_window, Duration::from_secs(900));
+        assert_eq!(c.webhook_body_limit, 1 << 20);
+        assert_eq!(c.redis_prefix, "kas");
+        assert!(c.redis_url.is_none());
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kas.toml");
+        std::fs::write(
+            &path,
+            "http_addr = \"127.0.0.1:9000\"\nreplay_window = \"1h\"\nwebhook_body_limit = 2048\n",
+        )
+        .unwrap();
+        let flags = Settings {
+            config: Some(path),
+            http_addr: Some("127.0.0.1:9001".into()),
+            ..Default::default()
+        };
+        let c = flags.resolve().unwrap();
+        assert_eq!(c.http_addr.port(), 9001);
+        assert_eq!(c.replay_window, Duration::from_secs(3600));
+        assert_eq!(c.webhook_body_limit, 2048);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        for (key, value, needle) in [
+            ("http_addr", "nowhere", "--http-addr (KAS_HTTP_ADDR)"),
+            (
+                "replay_window",
+                "15 parsecs",
+                "--replay-window (KAS_REPLAY_WINDOW)",
+            ),
+            ("replay_window", "0s", "KAS_REPLAY_WINDOW"),
+            ("webhook_body_limit", "1TB", "KAS_WEBHOOK_BODY_LIMIT"),
+            ("log_format", "xml", "KAS_LOG_FORMAT"),
+            ("database_url", "mysql://x", "KAS_DATABASE_URL"),
+            ("tls_cert_file", "a.pem", "KAS_TLS_KEY_FILE"),
+            (
+                "gitlab_external_url",
+                "gitlab.example.com",
+                "KAS_GITLAB_EXTERNAL_URL",
+            ),
+        ] {
+            let err = settings(&[(key, value)]).resolve().unwrap_err().to_string();
+            assert!(err.contains(needle), "{key}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        assert!(toml::from_str::<Settings>("htp_addr = \"x\"").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("5w").is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "***");
+    }
+}

@@ -1,0 +1,33 @@
+//! The domain: projects, agents, tokens, push events and the access rule.
+//!
+//! Nothing here knows about HTTP, gRPC, SQL or Redis; values are validated once, when they are
+//! built, so the rest of the code can trust them.
+
+pub mod access;
+pub mod agent;
+pub mod project;
+pub mod push;
+
+pub use access::may_notify;
+pub use agent::{AgentId, AgentName, AgentToken, TokenDigest};
+pub use project::{ProjectInfo, ProjectPath, RepositoryAccess, Visibility};
+pub use push::{PushEvent, PushKind};
+
+/// A value the domain refused, with the reason in words a user can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what}: {reason}")]
+pub struct InvalidValue {
+    /// What was being validated (`project path`, `agent name`, …).
+    pub what: &'static str,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+impl InvalidValue {
+    pub(crate) fn new(what: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            what,
+            reason: reason.into(),
+        }
+    }
+}

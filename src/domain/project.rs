@@ -1,0 +1,226 @@
+//! Projects as GitLab names them, and what decides who may hear about them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::InvalidValue;
+
+/// Longest full path accepted; GitLab allows 255 characters per segment and about 20 levels.
+const MAX_PATH_LEN: usize = 4096;
+
+/// A project's full path (`group/sub/name`), as GitLab's `path_with_namespace`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProjectPath(String);
+
+impl ProjectPath {
+    /// Validates a full path: at least a namespace and a name, GitLab's segment characters.
+    pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
+        let err = |reason: String| InvalidValue::new("project path", reason);
+        if raw.is_empty() {
+            return Err(err("must not be empty".into()));
+        }
+        if raw.len() > MAX_PATH_LEN {
+            return Err(err(format!("longer than {MAX_PATH_LEN} bytes")));
+        }
+        let mut segments = 0;
+        for segment in raw.split('/') {
+            segments += 1;
+            if segment.is_empty() {
+                return Err(err(format!("{raw:?} has an empty segment")));
+            }
+            if let Some(c) = segment
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+            {
+                return Err(err(format!(
+                    "{raw:?} contains {c:?}; only letters, digits, '_', '-', '.' and '/' are allowed"
+                )));
+            }
+            if segment.starts_with(['-', '.']) || segment.ends_with('.') {
+                return Err(err(format!(
+                    "segment {segment:?} must not start with '-' or '.', or end with '.'"
+                )));
+            }
+        }
+        if segments < 2 {
+            return Err(err(format!(
+                "{raw:?} is not a full path: expected namespace/project"
+            )));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The path as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ProjectPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.0)
+    }
+}
+
+impl FromStr for ProjectPath {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// GitLab's project visibility level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Visibility {
+    /// Level 0.
+    Private,
+    /// Level 10: any signed-in user.
+    Internal,
+    /// Level 20: anyone.
+    Public,
+}
+
+impl Visibility {
+    /// Maps GitLab's `visibility_level` number.
+    pub fn from_level(level: i64) -> Result<Self, InvalidValue> {
+        match level {
+            0 => Ok(Self::Private),
+            10 => Ok(Self::Internal),
+            20 => Ok(Self::Public),
+            other => Err(InvalidValue::new(
+                "visibility_level",
+                format!("{other} is not one of 0, 10, 20"),
+            )),
+        }
+    }
+
+    /// GitLab's number for this level.
+    pub fn level(self) -> i64 {
+        match self {
+            Self::Private => 0,
+            Self::Internal => 10,
+            Self::Public => 20,
+        }
+    }
+
+    /// The lower-case name used in the CLI and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Private => "private",
+            Self::Internal => "internal",
+            Self::Public => "public",
+        }
+    }
+}
+
+impl FromStr for Visibility {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "private" => Ok(Self::Private),
+            "internal" => Ok(Self::Internal),
+            "public" => Ok(Self::Public),
+            other => Err(InvalidValue::new(
+                "visibility",
+                format!("{other:?} is not one of public, internal, private"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Visibility {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Who may read a project's repository (GitLab's "Repository" feature visibility).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RepositoryAccess {
+    /// "Everyone with access": for a public project, anyone.
+    #[default]
+    Everyone,
+    /// "Only project members".
+    Members,
+}
+
+impl RepositoryAccess {
+    /// The lower-case name used in the CLI and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Everyone => "everyone",
+            Self::Members => "members",
+        }
+    }
+}
+
+impl FromStr for RepositoryAccess {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "everyone" => Ok(Self::Everyone),
+            "members" => Ok(Self::Members),
+            other => Err(InvalidValue::new(
+                "repository access",
+                format!("{other:?} is not one of everyone, members"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for RepositoryAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// What the registry knows about a project; `visibility` is `None` until GitLab or an
+/// operator has told us, and an unknown visibility is treated as private.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectInfo {
+    /// GitLab's numeric project id.
+    pub id: i64,
+    /// Current full path.
+    pub path: ProjectPath,
+    /// Visibility level, when known.
+    pub visibility: Option<Visibility>,
+    /// Repository feature access.
+    pub repository_access: RepositoryAccess,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_nested_group_paths() {
+        for ok in ["a/b", "group/sub.group/my-project_1", "A/B/C/D/E", "x/y.z"] {
+            assert_eq!(ProjectPath::parse(ok).unwrap().as_str(), ok);
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_paths() {
+        for bad in [
+            "", "single", "/a/b", "a/b/", "a//b", "a/b c", "a/-b", "a/.b", "a/b.", "a/b?x", "a/ü",
+        ] {
+            assert!(ProjectPath::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(ProjectPath::parse(&format!("a/{}", "x".repeat(MAX_PATH_LEN))).is_err());
+    }
+
+    #[test]
+    fn visibility_levels_round_trip() {
+        for v in [
+            Visibility::Private,
+            Visibility::Internal,
+            Visibility::Public,
+        ] {
+            assert_eq!(Visibility::from_level(v.level()).unwrap(), v);
+            assert_eq!(v.as_str().parse::<Visibility>().unwrap(), v);
+        }
+        assert!(Visibility::from_level(5).is_err());
+        assert!("secret".parse::<Visibility>().is_err());
+        assert!("nobody".parse::<RepositoryAccess>().is_err());
+    }
+}

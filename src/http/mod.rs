@@ -1,0 +1,74 @@
+//! The HTTP listener (axum): webhooks, liveness, readiness and metrics. The only place that
+//! knows HTTP status codes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::app::App;
+
+/// The axum router of the HTTP listener.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(app)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// 200 when the database answers, the listeners accept and shutdown has not begun; otherwise
+/// 503 naming each failing part.
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let mut checks = serde_json::Map::new();
+    let mut ready = true;
+    let database = match tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(e)) => format!("failing: {e}"),
+        Err(_) => "failing: no answer within 2s".to_owned(),
+    };
+    ready &= database == "ok";
+    checks.insert("database".into(), database.into());
+    let listeners = if app.readiness.shutting_down() {
+        "failing: shutting down"
+    } else if app.readiness.listeners_up() {
+        "ok"
+    } else {
+        "failing: not accepting yet"
+    };
+    ready &= listeners == "ok";
+    checks.insert("listeners".into(), listeners.into());
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    if !ready {
+        tracing::debug!(?checks, "not ready");
+    }
+    (
+        status,
+        Json(json!({ "status": if ready { "ready" } else { "not ready" }, "checks": checks })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
+}

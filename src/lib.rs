@@ -1,0 +1,25 @@
+//! kas: a GitLab agent server for the git-push → agent notification path.
+//!
+//! Pushes come in at the edges (`http` webhooks, `grpc` GitPushEvent), are recorded once in
+//! the event log (`store`) by `intake`, published through an `engine` (in-process or Redis)
+//! to every replica, and `delivery` sends each to exactly the open agent streams that want
+//! the project and may see it (`domain::access`). `server::serve` wires it together on
+//! listeners the caller binds (`listener` is the shared accept loop); `cli` is the `kas`
+//! command line.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod grpc;
+pub mod http;
+pub mod listener;
+pub mod metrics;
+pub mod proto;
+pub mod secrets;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+
+pub use server::{Listeners, ServeError, serve};

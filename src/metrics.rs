@@ -1,0 +1,211 @@
+//! Prometheus metrics: one registry, typed handles for every place that counts something.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label for an outcome (`accepted`, `duplicate`, `unauthorized`, …).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// The outcome.
+    pub result: &'static str,
+}
+
+/// Label for an RPC or listener name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabel {
+    /// The name.
+    pub name: &'static str,
+}
+
+/// Every metric kas exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Webhook requests by result.
+    pub webhooks: Family<ResultLabel, Counter>,
+    /// GitPushEvent calls by result.
+    pub git_push_events: Family<ResultLabel, Counter>,
+    /// Seconds from receiving a push to acknowledging it.
+    pub intake_seconds: Histogram,
+    /// Pushes newly written to the event log.
+    pub events_recorded: Counter,
+    /// Pushes recognised as redeliveries.
+    pub events_duplicate: Counter,
+    /// Events handed to the engine.
+    pub events_published: Counter,
+    /// Failed publication attempts (retried by the outbox).
+    pub publish_failures: Counter,
+    /// Events pruned by retention.
+    pub events_pruned: Counter,
+    /// Events received from other replicas through the engine.
+    pub events_received_remote: Counter,
+    /// Notifications sent to agents.
+    pub notifications_sent: Counter,
+    /// Pushes folded into a notification already pending.
+    pub notifications_coalesced: Counter,
+    /// Notifications queued by replay after a reconnect.
+    pub notifications_replayed: Counter,
+    /// Seconds from receiving a push to sending it to an agent.
+    pub intake_to_send_seconds: Histogram,
+    /// Open streams by RPC.
+    pub streams_open: Family<NameLabel, Gauge>,
+    /// Distinct agents with an open stream on this replica.
+    pub connected_agents: Gauge,
+    /// Rejected credentials by listener.
+    pub auth_failures: Family<NameLabel, Counter>,
+    /// Engine (Redis) connection failures.
+    pub engine_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Builds and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kas");
+        let latency = || Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let m = Metrics {
+            webhooks: Family::default(),
+            git_push_events: Family::default(),
+            intake_seconds: latency(),
+            events_recorded: Counter::default(),
+            events_duplicate: Counter::default(),
+            events_published: Counter::default(),
+            publish_failures: Counter::default(),
+            events_pruned: Counter::default(),
+            events_received_remote: Counter::default(),
+            notifications_sent: Counter::default(),
+            notifications_coalesced: Counter::default(),
+            notifications_replayed: Counter::default(),
+            intake_to_send_seconds: latency(),
+            streams_open: Family::default(),
+            connected_agents: Gauge::default(),
+            auth_failures: Family::default(),
+            engine_errors: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("webhooks", "Webhook requests by result", m.webhooks.clone());
+        registry.register(
+            "git_push_events",
+            "GitPushEvent calls by result",
+            m.git_push_events.clone(),
+        );
+        registry.register(
+            "intake_seconds",
+            "Time from receiving a push to acknowledging it",
+            m.intake_seconds.clone(),
+        );
+        registry.register(
+            "events_recorded",
+            "Pushes written to the event log",
+            m.events_recorded.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Redelivered pushes acknowledged without a second record",
+            m.events_duplicate.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Events handed to the engine",
+            m.events_published.clone(),
+        );
+        registry.register(
+            "publish_failures",
+            "Failed publication attempts, retried by the outbox",
+            m.publish_failures.clone(),
+        );
+        registry.register(
+            "events_pruned",
+            "Events removed by retention",
+            m.events_pruned.clone(),
+        );
+        registry.register(
+            "events_received_remote",
+            "Events received from other replicas",
+            m.events_received_remote.clone(),
+        );
+        registry.register(
+            "notifications_sent",
+            "Notifications sent to agents",
+            m.notifications_sent.clone(),
+        );
+        registry.register(
+            "notifications_coalesced",
+            "Pushes folded into an already pending notification",
+            m.notifications_coalesced.clone(),
+        );
+        registry.register(
+            "notifications_replayed",
+            "Notifications queued by replay after a reconnect",
+            m.notifications_replayed.clone(),
+        );
+        registry.register(
+            "intake_to_send_seconds",
+            "Time from receiving a push to sending it to an agent",
+            m.intake_to_send_seconds.clone(),
+        );
+        registry.register(
+            "streams_open",
+            "Open agent streams by RPC",
+            m.streams_open.clone(),
+        );
+        registry.register(
+            "connected_agents",
+            "Agents with an open stream on this replica",
+            m.connected_agents.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Rejected credentials by listener",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "engine_errors",
+            "Engine (Redis) operation failures",
+            m.engine_errors.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts a webhook outcome.
+    pub fn webhook(&self, result: &'static str) {
+        self.webhooks.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Counts a GitPushEvent outcome.
+    pub fn git_push_event(&self, result: &'static str) {
+        self.git_push_events
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts a rejected credential on a listener.
+    pub fn auth_failure(&self, listener: &'static str) {
+        self.auth_failures
+            .get_or_create(&NameLabel { name: listener })
+            .inc();
+    }
+
+    /// The open-stream gauge of one RPC.
+    pub fn streams(&self, rpc: &'static str) -> Gauge {
+        self.streams_open
+            .get_or_create(&NameLabel { name: rpc })
+            .clone()
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,165 @@
+//! `serve`: builds the state, starts the three listeners and background tasks, and on
+//! shutdown drains them within the grace period.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::{App, Readiness};
+use crate::config::Config;
+use crate::listener::{self, ListenerSettings};
+use crate::metrics::Metrics;
+use crate::secrets::{SecretError, Secrets};
+use crate::store::{self, StoreError};
+
+/// The three bound listeners; binding is the caller's job so tests can use port 0.
+pub struct Listeners {
+    /// Webhooks, health and metrics.
+    pub http: TcpListener,
+    /// Agents.
+    pub agent: TcpListener,
+    /// GitLab.
+    pub api: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(config: &Config) -> Result<Self, ServeError> {
+        let bind = |name: &'static str, addr| async move {
+            TcpListener::bind(addr).await.map_err(|e| ServeError::Bind {
+                name,
+                addr,
+                source: e,
+            })
+        };
+        Ok(Self {
+            http: bind("HTTP", config.http_addr).await?,
+            agent: bind("agent", config.agent_addr).await?,
+            api: bind("GitLab API", config.api_addr).await?,
+        })
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A secret file is unusable.
+    #[error("secret file {0}")]
+    Secret(#[from] SecretError),
+    /// TLS files are unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A listener address could not be bound.
+    #[error("cannot listen on {addr} for the {name} listener: {source}")]
+    Bind {
+        /// Which listener.
+        name: &'static str,
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Runs kas on the given listeners until `shutdown` completes, then drains: stops accepting,
+/// ends agent streams with OK, waits for connections (at most the configured grace), flushes.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let tls = match &config.tls {
+        Some(files) => {
+            Some(listener::tls_acceptor(&files.cert, &files.key).map_err(ServeError::Tls)?)
+        }
+        None => None,
+    };
+    let store = store::open(&config.store).await?;
+    store.migrate().await?;
+    let secrets = Secrets::load(&config)?;
+    if secrets.gitlab_jwt_key.is_none() {
+        tracing::warn!(
+            "KAS_GITLAB_SECRET_FILE is not set: the GitLab-facing listener rejects every call"
+        );
+    }
+    let token = CancellationToken::new();
+    let app = Arc::new(App {
+        store,
+        metrics: Arc::new(Metrics::new()),
+        secrets,
+        readiness: Readiness::default(),
+        shutdown: token.clone(),
+        config,
+    });
+    let connections = TaskTracker::new();
+    let addrs = (
+        listeners.http.local_addr().ok(),
+        listeners.agent.local_addr().ok(),
+        listeners.api.local_addr().ok(),
+    );
+
+    let http_router = crate::http::router(app.clone());
+    listener::spawn(
+        listeners.http,
+        ListenerSettings {
+            name: "http",
+            tls: tls.clone(),
+            max_age: None,
+        },
+        move |_| http_router.clone(),
+        token.clone(),
+        connections.clone(),
+    );
+    let agent_routes = crate::grpc::agent_routes(app.clone());
+    listener::spawn(
+        listeners.agent,
+        ListenerSettings {
+            name: "agent",
+            tls: tls.clone(),
+            max_age: Some(app.config.max_connection_age),
+        },
+        move |_| agent_routes.clone(),
+        token.clone(),
+        connections.clone(),
+    );
+    let api_routes = crate::grpc::api_routes(app.clone());
+    listener::spawn(
+        listeners.api,
+        ListenerSettings {
+            name: "api",
+            tls,
+            max_age: None,
+        },
+        move |_| api_routes.clone(),
+        token.clone(),
+        connections.clone(),
+    );
+    app.readiness.set_listeners_up();
+    tracing::info!(
+        http = ?addrs.0, agent = ?addrs.1, api = ?addrs.2,
+        database = if app.config.store.database_url.expose().starts_with("sqlite:") { "sqlite" } else { "postgres" },
+        replica = %app.config.replica_name,
+        "kas is serving"
+    );
+
+    shutdown.await;
+    tracing::info!(grace = ?app.config.shutdown_grace, "shutting down: draining connections and streams");
+    app.readiness.set_shutting_down();
+    token.cancel();
+    connections.close();
+    if tokio::time::timeout(app.config.shutdown_grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; closing the remaining connections");
+    }
+    app.store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}

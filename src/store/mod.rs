@@ -1,0 +1,292 @@
+//! Storage: the registry (agents, tokens, projects), the push-event log with its outbox
+//! columns, and agents' delivery positions, behind one trait with a SQLite and a PostgreSQL
+//! implementation (sqlx, runtime queries, embedded migrations).
+
+mod postgres;
+mod sql;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::StoreConfig;
+use crate::domain::{
+    AgentId, AgentName, ProjectInfo, ProjectPath, PushEvent, PushKind, TokenDigest,
+};
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// Most active tokens an agent may have at once, as GitLab allows.
+pub const MAX_ACTIVE_TOKENS: i64 = 2;
+
+/// What storage could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The named thing does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The change would break a uniqueness rule.
+    #[error("{0}")]
+    Conflict(String),
+    /// The change would exceed a limit.
+    #[error("{0}")]
+    Limit(String),
+    /// A stored value no longer parses; the database was changed behind our back.
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    /// The database could not be reached or failed.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// Migrations failed.
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Unavailable(e)
+    }
+}
+
+/// A registered agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// Registry id.
+    pub id: AgentId,
+    /// DNS-label name, unique per configuration project.
+    pub name: AgentName,
+    /// The configuration project's full path.
+    pub config_project: ProjectPath,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+/// A token's metadata; the token itself is never stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Token id, used to revoke it.
+    pub id: i64,
+    /// Owning agent.
+    pub agent_id: AgentId,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds of the last successful authentication.
+    pub last_used_at: Option<i64>,
+    /// Unix milliseconds of revocation; `None` while active.
+    pub revoked_at: Option<i64>,
+}
+
+/// The agent a presented token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    /// The agent.
+    pub agent: AgentRecord,
+    /// The token used, so open streams can be closed when it is revoked.
+    pub token_id: i64,
+}
+
+/// Where a push came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushSource {
+    /// `POST /webhooks/gitlab`.
+    Webhook,
+    /// GitLab's `GitPushEvent` gRPC call.
+    GitPushEvent,
+}
+
+impl PushSource {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Webhook => "webhook",
+            Self::GitPushEvent => "grpc",
+        }
+    }
+}
+
+/// A push to be recorded.
+#[derive(Debug, Clone)]
+pub struct NewPush {
+    /// The validated push.
+    pub event: PushEvent,
+    /// De-duplication key: the sender's, or a fresh random one when it gave none.
+    pub idempotency_key: String,
+    /// Which door it came through.
+    pub source: PushSource,
+    /// Unix milliseconds of receipt.
+    pub received_at: i64,
+}
+
+/// A recorded push as delivery needs it: which project, in what order, and whether the
+/// registry considers the project readable by everyone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushNotice {
+    /// Global sequence number in the event log.
+    pub seq: i64,
+    /// GitLab project id.
+    pub project_id: i64,
+    /// Full path at the time of the push.
+    pub project_path: ProjectPath,
+    /// Public with repository access for everyone (the access rule's second branch).
+    pub world_readable: bool,
+    /// Unix milliseconds of receipt, for the intake-to-send latency.
+    pub received_at: i64,
+}
+
+/// What happened to one push of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordOutcome {
+    /// Newly recorded.
+    Recorded(PushNotice),
+    /// Its idempotency key was already in the log.
+    Duplicate,
+}
+
+/// A recorded push as the log keeps it (for operators and tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedPush {
+    /// Sequence number.
+    pub seq: i64,
+    /// De-duplication key.
+    pub idempotency_key: String,
+    /// Project id.
+    pub project_id: i64,
+    /// Project path.
+    pub project_path: String,
+    /// Branch or tag.
+    pub kind: PushKind,
+    /// Ref, before and after, when the source said.
+    pub git_ref: Option<String>,
+    /// Previous commit.
+    pub before: Option<String>,
+    /// New commit.
+    pub after: Option<String>,
+    /// Door.
+    pub source: String,
+    /// Unix milliseconds of receipt.
+    pub received_at: i64,
+    /// Unix milliseconds of publication; `None` while the outbox still owes it.
+    pub published_at: Option<i64>,
+}
+
+/// How far an agent's notifications got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryPosition {
+    /// Every event up to this sequence number has been delivered (or did not concern it).
+    pub seq: i64,
+    /// Unix milliseconds when the position was taken.
+    pub at: i64,
+}
+
+/// The storage interface every backend implements.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies the embedded migrations.
+    async fn migrate(&self) -> Result<(), StoreError>;
+    /// Checks the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Closes the pool.
+    async fn close(&self);
+
+    /// Creates an agent together with its first token, in one transaction.
+    async fn create_agent(
+        &self,
+        name: &AgentName,
+        config_project: &ProjectPath,
+        first_token: &TokenDigest,
+        now: i64,
+    ) -> Result<(AgentRecord, TokenRecord), StoreError>;
+    /// Every agent, by id.
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Agents with this name (one per configuration project).
+    async fn agents_named(&self, name: &AgentName) -> Result<Vec<AgentRecord>, StoreError>;
+    /// One agent by id.
+    async fn agent(&self, id: AgentId) -> Result<Option<AgentRecord>, StoreError>;
+    /// Deletes an agent and its tokens; false when it did not exist.
+    async fn delete_agent(&self, id: AgentId) -> Result<bool, StoreError>;
+
+    /// Adds a token, refusing when the agent already has `MAX_ACTIVE_TOKENS` active ones.
+    async fn create_token(
+        &self,
+        agent: AgentId,
+        digest: &TokenDigest,
+        now: i64,
+    ) -> Result<TokenRecord, StoreError>;
+    /// An agent's tokens, by id.
+    async fn list_tokens(&self, agent: AgentId) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Revokes a token; `None` when there is no such token.
+    async fn revoke_token(&self, token: i64, now: i64) -> Result<Option<TokenRecord>, StoreError>;
+    /// The agent an active token belongs to, recording the use.
+    async fn authenticate(
+        &self,
+        digest: &TokenDigest,
+        now: i64,
+    ) -> Result<Option<Authenticated>, StoreError>;
+    /// Which of these token ids are still active.
+    async fn active_tokens(&self, ids: &[i64]) -> Result<Vec<i64>, StoreError>;
+
+    /// Creates or replaces a project's registry entry.
+    async fn set_project(&self, project: &ProjectInfo, now: i64) -> Result<(), StoreError>;
+    /// The registry entry for a path (the newest, should two ids claim it).
+    async fn project_by_path(&self, path: &ProjectPath) -> Result<Option<ProjectInfo>, StoreError>;
+
+    /// Records a batch of pushes in one transaction, refreshing each project's registry entry
+    /// from the push; returns one outcome per input, in order.
+    async fn record_pushes(&self, batch: &[NewPush]) -> Result<Vec<RecordOutcome>, StoreError>;
+    /// Marks events as published.
+    async fn mark_published(&self, seqs: &[i64], now: i64) -> Result<(), StoreError>;
+    /// Claims up to `limit` unpublished events received before `older_than` and not claimed
+    /// by someone else, for `lease_ms`; the caller publishes them and marks them published.
+    async fn claim_unpublished(
+        &self,
+        older_than: i64,
+        now: i64,
+        lease_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<PushNotice>, StoreError>;
+    /// Events with `seq > after_seq` or received at or after `overlap_from`, none received
+    /// before `not_before`, in sequence order, at most `limit`; visibility as the registry
+    /// says now.
+    async fn pushes_since(
+        &self,
+        after_seq: i64,
+        overlap_from: i64,
+        not_before: i64,
+        limit: i64,
+    ) -> Result<Vec<PushNotice>, StoreError>;
+    /// The highest sequence number recorded so far (0 when the log is empty).
+    async fn last_seq(&self) -> Result<i64, StoreError>;
+    /// Deletes events received before `before`, at most `limit`; returns how many.
+    async fn prune_pushes(&self, before: i64, limit: i64) -> Result<u64, StoreError>;
+    /// The newest `limit` events of the log, newest first.
+    async fn recent_pushes(&self, limit: i64) -> Result<Vec<LoggedPush>, StoreError>;
+
+    /// Saves an agent's delivery position.
+    async fn save_position(
+        &self,
+        agent: AgentId,
+        position: DeliveryPosition,
+    ) -> Result<(), StoreError>;
+    /// Loads an agent's delivery position.
+    async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, StoreError>;
+}
+
+/// Opens the database the configuration names (creating the SQLite file and its directory).
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    let url = config.database_url.expose();
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open(url, &config.data_dir).await?))
+    } else {
+        Ok(Arc::new(PostgresStore::open(url).await?))
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,509 @@
+//! The SQL both backends share. The statements are portable (`$n` placeholders work on
+//! SQLite and PostgreSQL alike, times are integer milliseconds), so one macro writes the
+//! `Store` implementation for each concrete sqlx pool type; what differs between the two
+//! (connecting, migrations, pragmas) lives in `sqlite.rs` and `postgres.rs`.
+
+use crate::domain::{AgentName, ProjectInfo, ProjectPath, PushKind, RepositoryAccess, Visibility};
+
+use super::{AgentRecord, StoreError, TokenRecord};
+
+/// Columns of an agent row, in the order `agent_from_parts` takes them.
+pub(super) const AGENT_COLUMNS: &str = "id, name, config_project_path, created_at";
+/// Columns of a token row.
+pub(super) const TOKEN_COLUMNS: &str = "id, agent_id, created_at, last_used_at, revoked_at";
+
+pub(super) fn agent_from_parts(
+    id: i64,
+    name: String,
+    path: String,
+    created_at: i64,
+) -> Result<AgentRecord, StoreError> {
+    Ok(AgentRecord {
+        id,
+        name: AgentName::parse(&name).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        config_project: ProjectPath::parse(&path)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        created_at,
+    })
+}
+
+pub(super) fn token_from_parts(
+    id: i64,
+    agent_id: i64,
+    created_at: i64,
+    last_used_at: Option<i64>,
+    revoked_at: Option<i64>,
+) -> TokenRecord {
+    TokenRecord {
+        id,
+        agent_id,
+        created_at,
+        last_used_at,
+        revoked_at,
+    }
+}
+
+pub(super) fn project_from_parts(
+    id: i64,
+    path: String,
+    visibility: Option<String>,
+    access: String,
+) -> Result<ProjectInfo, StoreError> {
+    let corrupt = |e: crate::domain::InvalidValue| StoreError::Corrupt(e.to_string());
+    Ok(ProjectInfo {
+        id,
+        path: ProjectPath::parse(&path).map_err(corrupt)?,
+        visibility: visibility
+            .as_deref()
+            .map(str::parse::<Visibility>)
+            .transpose()
+            .map_err(corrupt)?,
+        repository_access: access.parse::<RepositoryAccess>().map_err(corrupt)?,
+    })
+}
+
+pub(super) fn world_readable(visibility: Option<&str>, access: Option<&str>) -> bool {
+    visibility == Some(Visibility::Public.as_str())
+        && access == Some(RepositoryAccess::Everyone.as_str())
+}
+
+pub(super) fn kind_from_stored(kind: &str) -> Result<PushKind, StoreError> {
+    PushKind::from_stored(kind)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown push kind {kind:?}")))
+}
+
+/// Maps a unique-constraint violation to a `Conflict` with the given message.
+pub(super) fn conflict_or(e: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(message()),
+        _ => StoreError::Unavailable(e),
+    }
+}
+
+/// Writes `impl Store for $store`, whose `pool` field is a `sqlx::Pool<$db>`.
+macro_rules! impl_store {
+    ($store:ty, $db:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            async fn migrate(&self) -> Result<(), StoreError> {
+                Self::MIGRATOR.run(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn close(&self) {
+                self.pool.close().await;
+            }
+
+            async fn create_agent(
+                &self,
+                name: &AgentName,
+                config_project: &ProjectPath,
+                first_token: &TokenDigest,
+                now: i64,
+            ) -> Result<(AgentRecord, TokenRecord), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let (id,): (i64,) = sqlx::query_as(
+                    "INSERT INTO agents (name, config_project_path, created_at) VALUES ($1, $2, $3) RETURNING id",
+                )
+                .bind(name.as_str())
+                .bind(config_project.as_str())
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| conflict_or(e, || format!("agent {name} already exists for {config_project}")))?;
+                let (token_id,): (i64,) = sqlx::query_as(
+                    "INSERT INTO agent_tokens (agent_id, digest, created_at) VALUES ($1, $2, $3) RETURNING id",
+                )
+                .bind(id)
+                .bind(first_token.as_str())
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| conflict_or(e, || "token collision; try again".into()))?;
+                tx.commit().await?;
+                let agent = AgentRecord { id, name: name.clone(), config_project: config_project.clone(), created_at: now };
+                Ok((agent, token_from_parts(token_id, id, now, None, None)))
+            }
+
+            async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+                let sql = sqlx::AssertSqlSafe(format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY id"));
+                let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(sql).fetch_all(&self.pool).await?;
+                rows.into_iter().map(|(a, b, c, d)| agent_from_parts(a, b, c, d)).collect()
+            }
+
+            async fn agents_named(&self, name: &AgentName) -> Result<Vec<AgentRecord>, StoreError> {
+                let sql = sqlx::AssertSqlSafe(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE name = $1 ORDER BY id"));
+                let rows: Vec<(i64, String, String, i64)> =
+                    sqlx::query_as(sql).bind(name.as_str()).fetch_all(&self.pool).await?;
+                rows.into_iter().map(|(a, b, c, d)| agent_from_parts(a, b, c, d)).collect()
+            }
+
+            async fn agent(&self, id: AgentId) -> Result<Option<AgentRecord>, StoreError> {
+                let sql = sqlx::AssertSqlSafe(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"));
+                let row: Option<(i64, String, String, i64)> =
+                    sqlx::query_as(sql).bind(id).fetch_optional(&self.pool).await?;
+                row.map(|(a, b, c, d)| agent_from_parts(a, b, c, d)).transpose()
+            }
+
+            async fn delete_agent(&self, id: AgentId) -> Result<bool, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("DELETE FROM agent_tokens WHERE agent_id = $1").bind(id).execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM agent_positions WHERE agent_id = $1").bind(id).execute(&mut *tx).await?;
+                let done = sqlx::query("DELETE FROM agents WHERE id = $1").bind(id).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn create_token(&self, agent: AgentId, digest: &TokenDigest, now: i64) -> Result<TokenRecord, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                // A no-op write on the agent row serialises concurrent token creations for
+                // one agent on both backends (a row lock in PostgreSQL, the write lock in
+                // SQLite), so the limit below cannot be raced past.
+                let locked = sqlx::query("UPDATE agents SET name = name WHERE id = $1").bind(agent).execute(&mut *tx).await?;
+                if locked.rows_affected() == 0 {
+                    return Err(StoreError::NotFound(format!("agent {agent}")));
+                }
+                let (active,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM agent_tokens WHERE agent_id = $1 AND revoked_at IS NULL",
+                )
+                .bind(agent)
+                .fetch_one(&mut *tx)
+                .await?;
+                if active >= $crate::store::MAX_ACTIVE_TOKENS {
+                    return Err(StoreError::Limit(format!(
+                        "agent already has {active} active tokens (at most {}); revoke one first",
+                        $crate::store::MAX_ACTIVE_TOKENS
+                    )));
+                }
+                let (id,): (i64,) = sqlx::query_as(
+                    "INSERT INTO agent_tokens (agent_id, digest, created_at) VALUES ($1, $2, $3) RETURNING id",
+                )
+                .bind(agent)
+                .bind(digest.as_str())
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| conflict_or(e, || "token collision; try again".into()))?;
+                tx.commit().await?;
+                Ok(token_from_parts(id, agent, now, None, None))
+            }
+
+            async fn list_tokens(&self, agent: AgentId) -> Result<Vec<TokenRecord>, StoreError> {
+                let sql = sqlx::AssertSqlSafe(format!("SELECT {TOKEN_COLUMNS} FROM agent_tokens WHERE agent_id = $1 ORDER BY id"));
+                let rows: Vec<(i64, i64, i64, Option<i64>, Option<i64>)> =
+                    sqlx::query_as(sql).bind(agent).fetch_all(&self.pool).await?;
+                Ok(rows.into_iter().map(|(a, b, c, d, e)| token_from_parts(a, b, c, d, e)).collect())
+            }
+
+            async fn revoke_token(&self, token: i64, now: i64) -> Result<Option<TokenRecord>, StoreError> {
+                sqlx::query("UPDATE agent_tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
+                    .bind(token)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                let sql = sqlx::AssertSqlSafe(format!("SELECT {TOKEN_COLUMNS} FROM agent_tokens WHERE id = $1"));
+                let row: Option<(i64, i64, i64, Option<i64>, Option<i64>)> =
+                    sqlx::query_as(sql).bind(token).fetch_optional(&self.pool).await?;
+                Ok(row.map(|(a, b, c, d, e)| token_from_parts(a, b, c, d, e)))
+            }
+
+            async fn authenticate(&self, digest: &TokenDigest, now: i64) -> Result<Option<Authenticated>, StoreError> {
+                let token: Option<(i64, i64)> = sqlx::query_as(
+                    "UPDATE agent_tokens SET last_used_at = $2 WHERE digest = $1 AND revoked_at IS NULL \
+                     RETURNING id, agent_id",
+                )
+                .bind(digest.as_str())
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?;
+                let Some((token_id, agent_id)) = token else { return Ok(None) };
+                Ok(self.agent(agent_id).await?.map(|agent| Authenticated { agent, token_id }))
+            }
+
+            async fn active_tokens(&self, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut q = sqlx::QueryBuilder::<$db>::new("SELECT id FROM agent_tokens WHERE revoked_at IS NULL AND id IN (");
+                let mut list = q.separated(", ");
+                for id in ids {
+                    list.push_bind(*id);
+                }
+                q.push(")");
+                let rows: Vec<(i64,)> = q.build_query_as().fetch_all(&self.pool).await?;
+                Ok(rows.into_iter().map(|(id,)| id).collect())
+            }
+
+            async fn set_project(&self, project: &ProjectInfo, now: i64) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO projects (id, full_path, visibility, repository_access, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (id) DO UPDATE SET full_path = excluded.full_path, visibility = excluded.visibility, \
+                     repository_access = excluded.repository_access, updated_at = excluded.updated_at",
+                )
+                .bind(project.id)
+                .bind(project.path.as_str())
+                .bind(project.visibility.map(|v| v.as_str()))
+                .bind(project.repository_access.as_str())
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn project_by_path(&self, path: &ProjectPath) -> Result<Option<ProjectInfo>, StoreError> {
+                let row: Option<(i64, String, Option<String>, String)> = sqlx::query_as(
+                    "SELECT id, full_path, visibility, repository_access FROM projects \
+                     WHERE full_path = $1 ORDER BY updated_at DESC, id DESC LIMIT 1",
+                )
+                .bind(path.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(|(a, b, c, d)| project_from_parts(a, b, c, d)).transpose()
+            }
+
+            async fn record_pushes(&self, batch: &[NewPush]) -> Result<Vec<RecordOutcome>, StoreError> {
+                if batch.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // One registry row per project, the batch's last word on it winning.
+                let mut projects: Vec<&NewPush> = Vec::new();
+                for push in batch.iter().rev() {
+                    if !projects.iter().any(|p| p.event.project_id == push.event.project_id) {
+                        projects.push(push);
+                    }
+                }
+                let mut tx = self.pool.begin().await?;
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO projects (id, full_path, visibility, repository_access, updated_at) ",
+                );
+                q.push_values(&projects, |mut row, p| {
+                    row.push_bind(p.event.project_id)
+                        .push_bind(p.event.project_path.as_str())
+                        .push_bind(p.event.visibility.map(|v| v.as_str()))
+                        .push_bind($crate::domain::RepositoryAccess::default().as_str())
+                        .push_bind(p.received_at);
+                });
+                // Visibility only changes when the push carries it; repository access is the
+                // operator's (the webhook does not carry it).
+                q.push(
+                    " ON CONFLICT (id) DO UPDATE SET full_path = excluded.full_path, \
+                     visibility = COALESCE(excluded.visibility, projects.visibility), updated_at = excluded.updated_at \
+                     RETURNING id, full_path, visibility, repository_access",
+                );
+                let rows: Vec<(i64, String, Option<String>, String)> = q.build_query_as().fetch_all(&mut *tx).await?;
+                let readable: std::collections::HashMap<i64, bool> = rows
+                    .into_iter()
+                    .map(|(id, _, v, a)| (id, world_readable(v.as_deref(), Some(&a))))
+                    .collect();
+
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO push_events (idempotency_key, project_id, project_path, kind, git_ref, before_sha, \
+                     after_sha, source, received_at) ",
+                );
+                q.push_values(batch, |mut row, p| {
+                    row.push_bind(p.idempotency_key.as_str())
+                        .push_bind(p.event.project_id)
+                        .push_bind(p.event.project_path.as_str())
+                        .push_bind(p.event.kind.as_str())
+                        .push_bind(p.event.git_ref.as_deref())
+                        .push_bind(p.event.before.as_deref())
+                        .push_bind(p.event.after.as_deref())
+                        .push_bind(p.source.as_str())
+                        .push_bind(p.received_at);
+                });
+                q.push(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING seq, idempotency_key");
+                let inserted: Vec<(i64, String)> = q.build_query_as().fetch_all(&mut *tx).await?;
+                tx.commit().await?;
+
+                let mut seqs: std::collections::HashMap<String, i64> = inserted.into_iter().map(|(s, k)| (k, s)).collect();
+                Ok(batch
+                    .iter()
+                    .map(|p| match seqs.remove(&p.idempotency_key) {
+                        // The first push with a key gets the row; a repeat of the key within
+                        // the batch finds it taken and is a duplicate.
+                        Some(seq) => RecordOutcome::Recorded(PushNotice {
+                            seq,
+                            project_id: p.event.project_id,
+                            project_path: p.event.project_path.clone(),
+                            world_readable: readable.get(&p.event.project_id).copied().unwrap_or(false),
+                            received_at: p.received_at,
+                        }),
+                        None => RecordOutcome::Duplicate,
+                    })
+                    .collect())
+            }
+
+            async fn mark_published(&self, seqs: &[i64], now: i64) -> Result<(), StoreError> {
+                for chunk in seqs.chunks(1000) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new("UPDATE push_events SET published_at = ");
+                    q.push_bind(now);
+                    q.push(", claimed_until = NULL WHERE seq IN (");
+                    let mut list = q.separated(", ");
+                    for seq in chunk {
+                        list.push_bind(*seq);
+                    }
+                    q.push(")");
+                    q.build().execute(&self.pool).await?;
+                }
+                Ok(())
+            }
+
+            async fn claim_unpublished(&self, older_than: i64, now: i64, lease_ms: i64, limit: i64)
+                -> Result<Vec<PushNotice>, StoreError>
+            {
+                let candidates: Vec<(i64, i64, String, i64, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+                    "SELECT e.seq, e.project_id, e.project_path, e.received_at, p.full_path, p.visibility, p.repository_access \
+                     FROM push_events e LEFT JOIN projects p ON p.id = e.project_id \
+                     WHERE e.published_at IS NULL AND e.received_at < $1 AND (e.claimed_until IS NULL OR e.claimed_until < $2) \
+                     ORDER BY e.seq LIMIT $3",
+                )
+                .bind(older_than)
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                if candidates.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // Only rows this UPDATE actually changes are ours: another replica that claimed
+                // first has moved claimed_until past `now`.
+                let mut q = sqlx::QueryBuilder::<$db>::new("UPDATE push_events SET claimed_until = ");
+                q.push_bind(now + lease_ms);
+                q.push(" WHERE published_at IS NULL AND (claimed_until IS NULL OR claimed_until < ");
+                q.push_bind(now);
+                q.push(") AND seq IN (");
+                let mut list = q.separated(", ");
+                for c in &candidates {
+                    list.push_bind(c.0);
+                }
+                q.push(") RETURNING seq");
+                let claimed: std::collections::HashSet<i64> =
+                    q.build_query_as::<(i64,)>().fetch_all(&self.pool).await?.into_iter().map(|(s,)| s).collect();
+                candidates
+                    .into_iter()
+                    .filter(|c| claimed.contains(&c.0))
+                    .map(notice_from_row)
+                    .collect()
+            }
+
+            async fn pushes_since(&self, after_seq: i64, overlap_from: i64, not_before: i64, limit: i64)
+                -> Result<Vec<PushNotice>, StoreError>
+            {
+                let rows: Vec<(i64, i64, String, i64, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+                    "SELECT e.seq, e.project_id, e.project_path, e.received_at, p.full_path, p.visibility, p.repository_access \
+                     FROM push_events e LEFT JOIN projects p ON p.id = e.project_id \
+                     WHERE (e.seq > $1 OR e.received_at >= $2) AND e.received_at >= $3 \
+                     ORDER BY e.seq LIMIT $4",
+                )
+                .bind(after_seq)
+                .bind(overlap_from)
+                .bind(not_before)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(notice_from_row).collect()
+            }
+
+            async fn last_seq(&self) -> Result<i64, StoreError> {
+                let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM push_events").fetch_one(&self.pool).await?;
+                Ok(seq.unwrap_or(0))
+            }
+
+            async fn prune_pushes(&self, before: i64, limit: i64) -> Result<u64, StoreError> {
+                let done = sqlx::query(
+                    "DELETE FROM push_events WHERE seq IN \
+                     (SELECT seq FROM push_events WHERE received_at < $1 ORDER BY seq LIMIT $2)",
+                )
+                .bind(before)
+                .bind(limit)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn recent_pushes(&self, limit: i64) -> Result<Vec<LoggedPush>, StoreError> {
+                #[allow(clippy::type_complexity)]
+                let rows: Vec<(i64, String, i64, String, String, Option<String>, Option<String>, Option<String>, String, i64, Option<i64>)> =
+                    sqlx::query_as(
+                        "SELECT seq, idempotency_key, project_id, project_path, kind, git_ref, before_sha, after_sha, \
+                         source, received_at, published_at FROM push_events ORDER BY seq DESC LIMIT $1",
+                    )
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter()
+                    .map(|r| {
+                        Ok(LoggedPush {
+                            seq: r.0,
+                            idempotency_key: r.1,
+                            project_id: r.2,
+                            project_path: r.3,
+                            kind: kind_from_stored(&r.4)?,
+                            git_ref: r.5,
+                            before: r.6,
+                            after: r.7,
+                            source: r.8,
+                            received_at: r.9,
+                            published_at: r.10,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn save_position(&self, agent: AgentId, position: DeliveryPosition) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO agent_positions (agent_id, seq, updated_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (agent_id) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
+                )
+                .bind(agent)
+                .bind(position.seq)
+                .bind(position.at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, StoreError> {
+                let row: Option<(i64, i64)> = sqlx::query_as("SELECT seq, updated_at FROM agent_positions WHERE agent_id = $1")
+                    .bind(agent)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map(|(seq, at)| DeliveryPosition { seq, at }))
+            }
+        }
+    };
+}
+
+pub(super) use impl_store;
+
+/// Builds a notice from `seq, project_id, project_path, received_at` and the joined registry
+/// row `full_path, visibility, repository_access`.
+#[allow(clippy::type_complexity)]
+pub(super) fn notice_from_row(
+    r: (
+        i64,
+        i64,
+        String,
+        i64,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ),
+) -> Result<super::PushNotice, StoreError> {
+    let (seq, project_id, path, received_at, registry_path, visibility, access) = r;
+    // The registry must describe this very path for the public branch of the rule to apply.
+    let same_path = registry_path.as_deref() == Some(path.as_str());
+    Ok(super::PushNotice {
+        seq,
+        project_id,
+        project_path: ProjectPath::parse(&path).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        world_readable: same_path && world_readable(visibility.as_deref(), access.as_deref()),
+        received_at,
+    })
+}

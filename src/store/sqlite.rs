@@ -1,0 +1,47 @@
+//! SQLite, the embedded default: one file in the data directory, WAL journal, fully
+//! synchronous commits so an acknowledged push survives a crash.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Pool, Sqlite};
+
+use super::sql::*;
+use super::*;
+
+/// The SQLite implementation of [`Store`].
+pub struct SqliteStore {
+    pool: Pool<Sqlite>,
+}
+
+impl SqliteStore {
+    const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
+    /// Opens (creating if needed) the database at `url`; `data_dir` is created first so the
+    /// default location works on a fresh machine.
+    pub async fn open(url: &str, data_dir: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let parent = options.get_filename().parent().map(Path::to_owned);
+        for dir in [Some(data_dir.to_owned()), parent].into_iter().flatten() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+            }
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+}
+
+impl_store!(SqliteStore, Sqlite);
