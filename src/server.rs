@@ -98,10 +98,11 @@ pub async fn serve(
         config,
     });
     let connections = TaskTracker::new();
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let addrs = (
-        listeners.http.local_addr().ok(),
-        listeners.agent.local_addr().ok(),
-        listeners.api.local_addr().ok(),
+        addr(&listeners.http),
+        addr(&listeners.agent),
+        addr(&listeners.api),
     );
 
     let http_router = crate::http::router(app.clone());
@@ -142,7 +143,7 @@ pub async fn serve(
     );
     app.readiness.set_listeners_up();
     tracing::info!(
-        http = ?addrs.0, agent = ?addrs.1, api = ?addrs.2,
+        http = %addrs.0, agent = %addrs.1, api = %addrs.2,
         database = if app.config.store.database_url.expose().starts_with("sqlite:") { "sqlite" } else { "postgres" },
         replica = %app.config.replica_name,
         "kas is serving"

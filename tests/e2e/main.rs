@@ -1,0 +1,7 @@
+//! End-to-end tests: real servers on port 0, real clients, real SQLite, PostgreSQL and Redis.
+
+mod support;
+
+mod cli;
+mod server;
+mod store_story;
