@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::engine::Engine;
+use crate::gitlab_jwt::GitLabJwt;
+use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
 use crate::store::Store;
@@ -21,6 +24,12 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Webhook secrets and GitLab's JWT key.
     pub secrets: Secrets,
+    /// Verifier and signer of GitLab JWTs; `None` without a shared secret.
+    pub gitlab_jwt: Option<GitLabJwt>,
+    /// Records pushes.
+    pub intake: Intake,
+    /// Fan-out across replicas.
+    pub engine: Arc<dyn Engine>,
     /// What `/readyz` reports besides the database.
     pub readiness: Readiness,
     /// Cancelled when the server starts shutting down.

@@ -10,6 +10,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::{App, Readiness};
 use crate::config::Config;
+use crate::engine::{Engine, LocalDelivery, MemoryEngine, NoDelivery};
+use crate::gitlab_jwt::GitLabJwt;
+use crate::intake::{Intake, Outbox};
 use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
 use crate::secrets::{SecretError, Secrets};
@@ -89,9 +92,32 @@ pub async fn serve(
         );
     }
     let token = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let engine: Arc<dyn Engine> = Arc::new(MemoryEngine);
+    let local: Arc<dyn LocalDelivery> = Arc::new(NoDelivery);
+    let (outbox, outbox_tasks) = Outbox::start(
+        store.clone(),
+        engine.clone(),
+        local,
+        metrics.clone(),
+        config.event_retention,
+    );
+    let writers = if config.store.database_url.expose().starts_with("sqlite:") {
+        1
+    } else {
+        4
+    };
+    let intake = Intake::start(store.clone(), outbox.clone(), metrics.clone(), writers);
+    let gitlab_jwt = secrets
+        .gitlab_jwt_key
+        .as_ref()
+        .map(|k| GitLabJwt::new(k.expose()));
     let app = Arc::new(App {
         store,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
+        gitlab_jwt,
+        intake,
+        engine,
         secrets,
         readiness: Readiness::default(),
         shutdown: token.clone(),
@@ -154,7 +180,13 @@ pub async fn serve(
     app.readiness.set_shutting_down();
     token.cancel();
     connections.close();
-    if tokio::time::timeout(app.config.shutdown_grace, connections.wait())
+    let drain = async {
+        connections.wait().await;
+        // No request can record anything now: finish what is queued and publish it.
+        app.intake.close().await;
+        outbox_tasks.shutdown(outbox).await;
+    };
+    if tokio::time::timeout(app.config.shutdown_grace, drain)
         .await
         .is_err()
     {

@@ -1,6 +1,8 @@
 //! The `kas` command line: `serve` runs the server; the other commands manage the registry
 //! directly in the database or act as GitLab's and an agent's clients.
 
+pub mod client;
+mod push;
 mod registry;
 
 use std::fmt;
@@ -47,6 +49,8 @@ pub enum Command {
         #[command(subcommand)]
         action: ProjectCommand,
     },
+    /// Call GitPushEvent as GitLab Rails does (test the GitLab-facing listener by hand)
+    Push(push::PushArgs),
 }
 
 /// Why a command failed; printed as one line.
@@ -103,6 +107,7 @@ pub async fn run(command: Command, out: &mut impl std::io::Write) -> Result<(), 
         Command::Agent { action } => registry::agent(action, out).await,
         Command::Token { action } => registry::token(action, out).await,
         Command::Project { action } => registry::project(action, out).await,
+        Command::Push(args) => push::run(args, out).await,
     }
 }
 

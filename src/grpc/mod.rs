@@ -1,11 +1,20 @@
 //! The gRPC edges (tonic): the agent-facing services and the GitLab-facing ones. Domain and
 //! storage errors become gRPC status codes here and nowhere else.
 
+mod notifications;
+
 use std::sync::Arc;
 
+use tonic::Status;
+use tonic::codec::CompressionEncoding;
+use tonic::metadata::MetadataMap;
 use tonic::service::Routes;
 
 use crate::app::App;
+use crate::proto::notifications::rpc::notifications_server::NotificationsServer;
+
+/// Largest message accepted from a client.
+const MAX_MESSAGE: usize = 4 << 20;
 
 /// Services on the agent listener.
 pub fn agent_routes(_app: Arc<App>) -> axum::Router {
@@ -13,6 +22,72 @@ pub fn agent_routes(_app: Arc<App>) -> axum::Router {
 }
 
 /// Services on the GitLab-facing listener.
-pub fn api_routes(_app: Arc<App>) -> axum::Router {
-    Routes::default().prepare().into_axum_router()
+pub fn api_routes(app: Arc<App>) -> axum::Router {
+    let notifications = NotificationsServer::new(notifications::NotificationsService::new(app))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(MAX_MESSAGE);
+    Routes::new(notifications).prepare().into_axum_router()
+}
+
+/// The credential of `authorization: Bearer <credential>` (scheme case-insensitive).
+pub(crate) fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
+    let value = metadata
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?
+        .to_str()
+        .map_err(|_| Status::unauthenticated("malformed authorization metadata"))?;
+    let (scheme, credential) = value
+        .split_once(' ')
+        .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))?;
+    let credential = credential.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || credential.is_empty() {
+        return Err(Status::unauthenticated(
+            "authorization must be 'Bearer <token>'",
+        ));
+    }
+    Ok(credential)
+}
+
+/// Checks the JWT GitLab sends on the GitLab-facing listener.
+pub(crate) fn authorize_gitlab(app: &App, metadata: &MetadataMap) -> Result<(), Status> {
+    let Some(jwt) = &app.gitlab_jwt else {
+        app.metrics.auth_failure("api");
+        return Err(Status::unauthenticated(
+            "kas has no GitLab shared secret configured (KAS_GITLAB_SECRET_FILE)",
+        ));
+    };
+    let result = bearer(metadata).and_then(|token| {
+        jwt.verify_from_gitlab(token)
+            .map_err(|e| Status::unauthenticated(e.to_string()))
+    });
+    if let Err(status) = &result {
+        app.metrics.auth_failure("api");
+        tracing::warn!(reason = status.message(), "GitLab-facing call refused");
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_required() {
+        let mut m = MetadataMap::new();
+        assert!(bearer(&m).is_err());
+        for (value, ok) in [
+            ("Bearer abc", true),
+            ("bearer abc", true),
+            ("BEARER  abc ", true),
+            ("Basic abc", false),
+            ("Bearer", false),
+            ("Bearer  ", false),
+        ] {
+            m.insert("authorization", value.parse().unwrap());
+            assert_eq!(bearer(&m).is_ok(), ok, "{value:?}");
+            if ok {
+                assert_eq!(bearer(&m).unwrap(), "abc");
+            }
+        }
+    }
 }

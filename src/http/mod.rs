@@ -1,13 +1,15 @@
 //! The HTTP listener (axum): webhooks, liveness, readiness and metrics. The only place that
 //! knows HTTP status codes.
 
+mod webhook;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
@@ -19,6 +21,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/webhooks/gitlab", post(webhook::receive))
         .with_state(app)
 }
 

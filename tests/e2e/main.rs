@@ -3,5 +3,6 @@
 mod support;
 
 mod cli;
+mod intake;
 mod server;
 mod store_story;

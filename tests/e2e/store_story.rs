@@ -32,7 +32,7 @@ pub fn push(key: &str, id: i64, p: &str, visibility: Option<Visibility>, at: i64
     }
 }
 
-async fn registry_story(db: TestDb) {
+pub async fn registry_story(db: TestDb) {
     let store = db.open_store().await;
     let t1 = AgentToken::generate();
     let (a, first) = store
