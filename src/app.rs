@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::delivery::Hub;
 use crate::engine::Engine;
 use crate::gitlab_jwt::GitLabJwt;
+use crate::identity::AgentDirectory;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
@@ -30,6 +32,10 @@ pub struct App {
     pub intake: Intake,
     /// Fan-out across replicas.
     pub engine: Arc<dyn Engine>,
+    /// Who agents are and what they may see.
+    pub directory: Arc<dyn AgentDirectory>,
+    /// This replica's open agent streams.
+    pub hub: Arc<Hub>,
     /// What `/readyz` reports besides the database.
     pub readiness: Readiness,
     /// Cancelled when the server starts shutting down.

@@ -11,11 +11,13 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod domain;
 pub mod engine;
 pub mod gitlab_jwt;
 pub mod grpc;
 pub mod http;
+pub mod identity;
 pub mod intake;
 pub mod listener;
 pub mod metrics;

@@ -10,8 +10,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::{App, Readiness};
 use crate::config::Config;
-use crate::engine::{Engine, LocalDelivery, MemoryEngine, NoDelivery};
+use crate::delivery::{Hub, HubConfig};
+use crate::engine::{Engine, LocalDelivery, MemoryEngine};
 use crate::gitlab_jwt::GitLabJwt;
+use crate::identity::{AgentDirectory, RegistryDirectory};
 use crate::intake::{Intake, Outbox};
 use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
@@ -93,8 +95,17 @@ pub async fn serve(
     }
     let token = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
-    let engine: Arc<dyn Engine> = Arc::new(MemoryEngine);
-    let local: Arc<dyn LocalDelivery> = Arc::new(NoDelivery);
+    let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::default());
+    let directory: Arc<dyn AgentDirectory> = Arc::new(RegistryDirectory::new(store.clone()));
+    let hub = Hub::new(
+        directory.clone(),
+        store.clone(),
+        engine.clone(),
+        metrics.clone(),
+        hub_config(&config),
+    );
+    hub.start(token.clone()).await;
+    let local: Arc<dyn LocalDelivery> = hub.clone();
     let (outbox, outbox_tasks) = Outbox::start(
         store.clone(),
         engine.clone(),
@@ -118,6 +129,8 @@ pub async fn serve(
         gitlab_jwt,
         intake,
         engine,
+        directory,
+        hub,
         secrets,
         readiness: Readiness::default(),
         shutdown: token.clone(),
@@ -195,4 +208,14 @@ pub async fn serve(
     app.store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Delivery settings from the configuration.
+fn hub_config(config: &Config) -> HubConfig {
+    HubConfig {
+        replay_window: config.replay_window,
+        // Covers a connection that died silently until keepalive noticed (about 80 s).
+        replay_overlap: std::time::Duration::from_secs(120).min(config.replay_window),
+        token_recheck: config.token_recheck,
+    }
 }

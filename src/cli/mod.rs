@@ -4,6 +4,7 @@
 pub mod client;
 mod push;
 mod registry;
+mod watch;
 
 use std::fmt;
 
@@ -51,6 +52,8 @@ pub enum Command {
     },
     /// Call GitPushEvent as GitLab Rails does (test the GitLab-facing listener by hand)
     Push(push::PushArgs),
+    /// Open ReconcileProjects as an agent does; print one JSON line per notification
+    Watch(watch::WatchArgs),
 }
 
 /// Why a command failed; printed as one line.
@@ -108,6 +111,7 @@ pub async fn run(command: Command, out: &mut impl std::io::Write) -> Result<(), 
         Command::Token { action } => registry::token(action, out).await,
         Command::Project { action } => registry::project(action, out).await,
         Command::Push(args) => push::run(args, out).await,
+        Command::Watch(args) => watch::run(args, out).await,
     }
 }
 

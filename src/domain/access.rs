@@ -4,46 +4,35 @@
 //! the project is public and its repository is readable by everyone. Anything unknown is
 //! treated as private.
 
-use super::project::{ProjectInfo, ProjectPath, RepositoryAccess, Visibility};
+use super::project::{ProjectInfo, RepositoryAccess, Visibility};
 
-/// Whether an agent whose configuration project is `config_project` may be notified about a
-/// push to `project`. `project_info` is what the registry knows about the pushed project;
-/// `None` (never seen) is treated as private.
-pub fn may_notify(
-    config_project: &ProjectPath,
-    project: &ProjectPath,
-    project_info: Option<&ProjectInfo>,
-) -> bool {
-    if config_project == project {
-        return true;
-    }
-    match project_info {
-        // The registry entry must describe this very path: a stale entry for a renamed
-        // project must not open a path it no longer owns.
-        Some(info) if &info.path == project => {
-            is_world_readable(info.visibility, info.repository_access)
-        }
-        _ => false,
-    }
+/// Whether an agent whose configuration project has the full path `config_project` may be
+/// notified about a push to the project with full path `project`. `world_readable` is what
+/// [`is_world_readable`] said about the pushed project. Paths match exactly.
+pub fn may_notify(config_project: &str, project: &str, world_readable: bool) -> bool {
+    config_project == project || world_readable
 }
 
-/// Whether a project with this visibility and repository access is readable by anyone.
-pub fn is_world_readable(visibility: Option<Visibility>, access: RepositoryAccess) -> bool {
-    visibility == Some(Visibility::Public) && access == RepositoryAccess::Everyone
+/// Whether the registry entry makes the project at `path` readable by everyone: the entry must
+/// describe this very path (a stale entry for a renamed project must not open a path it no
+/// longer owns), be public, and have repository access for everyone.
+pub fn is_world_readable(path: &str, info: Option<&ProjectInfo>) -> bool {
+    info.is_some_and(|i| {
+        i.path.as_str() == path
+            && i.visibility == Some(Visibility::Public)
+            && i.repository_access == RepositoryAccess::Everyone
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn path(s: &str) -> ProjectPath {
-        ProjectPath::parse(s).unwrap()
-    }
+    use crate::domain::ProjectPath;
 
     fn info(p: &str, v: Option<Visibility>, a: RepositoryAccess) -> ProjectInfo {
         ProjectInfo {
             id: 1,
-            path: path(p),
+            path: ProjectPath::parse(p).unwrap(),
             visibility: v,
             repository_access: a,
         }
@@ -53,8 +42,8 @@ mod tests {
     /// the right path?) against the rule written out longhand.
     #[test]
     fn exhaustive() {
-        let own = path("team/agent-config");
-        let other = path("team/app");
+        let own = "team/agent-config";
+        let other = "team/app";
         let visibilities = [
             None,
             Some(Visibility::Private),
@@ -64,16 +53,17 @@ mod tests {
         let accesses = [RepositoryAccess::Everyone, RepositoryAccess::Members];
         let mut allowed = 0;
         for is_own in [true, false] {
-            let pushed = if is_own { &own } else { &other };
+            let pushed = if is_own { own } else { other };
             for v in visibilities {
                 for a in accesses {
                     for entry in ["none", "same-path", "stale-path"] {
                         let registry = match entry {
                             "none" => None,
-                            "same-path" => Some(info(pushed.as_str(), v, a)),
+                            "same-path" => Some(info(pushed, v, a)),
                             _ => Some(info("team/renamed-away", v, a)),
                         };
-                        let got = may_notify(&own, pushed, registry.as_ref());
+                        let got =
+                            may_notify(own, pushed, is_world_readable(pushed, registry.as_ref()));
                         let want = is_own
                             || (entry == "same-path"
                                 && v == Some(Visibility::Public)
@@ -90,19 +80,22 @@ mod tests {
 
     #[test]
     fn private_and_internal_reach_only_their_own_agent() {
-        let own = path("g/p");
         for v in [Visibility::Private, Visibility::Internal] {
-            let i = info("g/p", Some(v), RepositoryAccess::Everyone);
-            assert!(may_notify(&own, &own, Some(&i)));
-            assert!(!may_notify(&path("g/other-config"), &own, Some(&i)));
+            let readable = is_world_readable(
+                "g/p",
+                Some(&info("g/p", Some(v), RepositoryAccess::Everyone)),
+            );
+            assert!(!readable);
+            assert!(may_notify("g/p", "g/p", readable));
+            assert!(!may_notify("g/other-config", "g/p", readable));
         }
     }
 
     #[test]
     fn matching_is_exact_not_prefix_or_case_insensitive() {
-        let own = path("g/p");
-        assert!(!may_notify(&own, &path("g/p2"), None));
-        assert!(!may_notify(&own, &path("G/P"), None));
-        assert!(!may_notify(&own, &path("g/p/sub"), None));
+        assert!(!may_notify("g/p", "g/p2", false));
+        assert!(!may_notify("g/p", "G/P", false));
+        assert!(!may_notify("g/p", "g/p/sub", false));
+        assert!(!may_notify("g/p", "g/p ", false));
     }
 }

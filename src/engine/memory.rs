@@ -1,13 +1,20 @@
-//! The in-process engine: a single replica, so there is nobody else to tell.
+//! The in-process engine: a single replica, so there is nobody else to tell; positions live
+//! in memory (the database keeps a copy that survives a restart).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 
 use super::{Engine, EngineError};
-use crate::store::PushNotice;
+use crate::domain::AgentId;
+use crate::store::{DeliveryPosition, PushNotice};
 
 /// Engine for one replica without Redis.
 #[derive(Default)]
-pub struct MemoryEngine;
+pub struct MemoryEngine {
+    positions: Mutex<HashMap<AgentId, DeliveryPosition>>,
+}
 
 #[async_trait]
 impl Engine for MemoryEngine {
@@ -21,5 +28,26 @@ impl Engine for MemoryEngine {
 
     async fn ping(&self) -> Result<(), EngineError> {
         Ok(())
+    }
+
+    async fn save_position(
+        &self,
+        agent: AgentId,
+        position: DeliveryPosition,
+    ) -> Result<(), EngineError> {
+        self.positions
+            .lock()
+            .expect("positions lock")
+            .insert(agent, position);
+        Ok(())
+    }
+
+    async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, EngineError> {
+        Ok(self
+            .positions
+            .lock()
+            .expect("positions lock")
+            .get(&agent)
+            .copied())
     }
 }

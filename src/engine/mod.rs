@@ -8,7 +8,8 @@ mod memory;
 
 use async_trait::async_trait;
 
-use crate::store::PushNotice;
+use crate::domain::AgentId;
+use crate::store::{DeliveryPosition, PushNotice};
 
 pub use memory::MemoryEngine;
 
@@ -42,4 +43,12 @@ pub trait Engine: Send + Sync + 'static {
     async fn broadcast(&self, notices: &[PushNotice]) -> Result<(), EngineError>;
     /// Whether the backing service answers.
     async fn ping(&self) -> Result<(), EngineError>;
+    /// Saves how far an agent's notifications got, where every replica can read it.
+    async fn save_position(
+        &self,
+        agent: AgentId,
+        position: DeliveryPosition,
+    ) -> Result<(), EngineError>;
+    /// Reads an agent's delivery position.
+    async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, EngineError>;
 }

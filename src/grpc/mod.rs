@@ -1,6 +1,7 @@
 //! The gRPC edges (tonic): the agent-facing services and the GitLab-facing ones. Domain and
 //! storage errors become gRPC status codes here and nowhere else.
 
+mod flux;
 mod notifications;
 
 use std::sync::Arc;
@@ -11,14 +12,54 @@ use tonic::metadata::MetadataMap;
 use tonic::service::Routes;
 
 use crate::app::App;
+use crate::domain::AgentToken;
+use crate::identity::{AgentIdentity, IdentityError};
+use crate::proto::flux::rpc::git_lab_flux_server::GitLabFluxServer;
 use crate::proto::notifications::rpc::notifications_server::NotificationsServer;
 
 /// Largest message accepted from a client.
 const MAX_MESSAGE: usize = 4 << 20;
 
 /// Services on the agent listener.
-pub fn agent_routes(_app: Arc<App>) -> axum::Router {
-    Routes::default().prepare().into_axum_router()
+pub fn agent_routes(app: Arc<App>) -> axum::Router {
+    let flux = GitLabFluxServer::new(flux::FluxService::new(app))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(MAX_MESSAGE);
+    Routes::new(flux).prepare().into_axum_router()
+}
+
+impl From<IdentityError> for Status {
+    fn from(e: IdentityError) -> Self {
+        match e {
+            IdentityError::Unauthenticated => Status::unauthenticated(e.to_string()),
+            IdentityError::PermissionDenied(m) => Status::permission_denied(m),
+            IdentityError::NotFound(m) => Status::not_found(m),
+            IdentityError::Unavailable(m) => Status::unavailable(m),
+        }
+    }
+}
+
+/// Authenticates the agent token in `authorization: Bearer …`, before anything is sent.
+pub(crate) async fn authenticate_agent(
+    app: &App,
+    metadata: &MetadataMap,
+) -> Result<AgentIdentity, Status> {
+    let result = match bearer(metadata).map(AgentToken::from_presented) {
+        Ok(Some(token)) => app
+            .directory
+            .authenticate(&token)
+            .await
+            .map_err(Status::from),
+        Ok(None) => Err(Status::unauthenticated("empty agent token")),
+        Err(status) => Err(status),
+    };
+    if let Err(status) = &result
+        && status.code() == tonic::Code::Unauthenticated
+    {
+        app.metrics.auth_failure("agent");
+        tracing::info!(reason = status.message(), "agent call refused");
+    }
+    result
 }
 
 /// Services on the GitLab-facing listener.

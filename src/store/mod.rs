@@ -247,13 +247,14 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<PushNotice>, StoreError>;
     /// Events with `seq > after_seq` or received at or after `overlap_from`, none received
-    /// before `not_before`, in sequence order, at most `limit`; visibility as the registry
-    /// says now.
+    /// before `not_before`, for the given project paths (all when empty), in sequence order, at
+    /// most `limit`; visibility as the registry says now.
     async fn pushes_since(
         &self,
         after_seq: i64,
         overlap_from: i64,
         not_before: i64,
+        projects: &[String],
         limit: i64,
     ) -> Result<Vec<PushNotice>, StoreError>;
     /// The highest sequence number recorded so far (0 when the log is empty).

@@ -62,9 +62,20 @@ pub(super) fn project_from_parts(
     })
 }
 
-pub(super) fn world_readable(visibility: Option<&str>, access: Option<&str>) -> bool {
-    visibility == Some(Visibility::Public.as_str())
-        && access == Some(RepositoryAccess::Everyone.as_str())
+/// The access rule's "readable by everyone" for a registry row read back from the database.
+pub(super) fn world_readable(
+    path: &str,
+    id: i64,
+    registry_path: Option<String>,
+    visibility: Option<String>,
+    access: Option<String>,
+) -> bool {
+    let Some(registry_path) = registry_path else {
+        return false;
+    };
+    // An unparsable row counts as private rather than failing delivery.
+    let info = project_from_parts(id, registry_path, visibility, access.unwrap_or_default()).ok();
+    crate::domain::access::is_world_readable(path, info.as_ref())
 }
 
 pub(super) fn kind_from_stored(kind: &str) -> Result<PushKind, StoreError> {
@@ -299,7 +310,7 @@ macro_rules! impl_store {
                 let rows: Vec<(i64, String, Option<String>, String)> = q.build_query_as().fetch_all(&mut *tx).await?;
                 let readable: std::collections::HashMap<i64, bool> = rows
                     .into_iter()
-                    .map(|(id, _, v, a)| (id, world_readable(v.as_deref(), Some(&a))))
+                    .map(|(id, p, v, a)| (id, world_readable(&p, id, Some(p.clone()), v, Some(a))))
                     .collect();
 
                 let mut q = sqlx::QueryBuilder::<$db>::new(
@@ -392,21 +403,32 @@ macro_rules! impl_store {
                     .collect()
             }
 
-            async fn pushes_since(&self, after_seq: i64, overlap_from: i64, not_before: i64, limit: i64)
-                -> Result<Vec<PushNotice>, StoreError>
-            {
-                let rows: Vec<(i64, i64, String, i64, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+            async fn pushes_since(
+                &self,
+                after_seq: i64,
+                overlap_from: i64,
+                not_before: i64,
+                projects: &[String],
+                limit: i64,
+            ) -> Result<Vec<PushNotice>, StoreError> {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
                     "SELECT e.seq, e.project_id, e.project_path, e.received_at, p.full_path, p.visibility, p.repository_access \
-                     FROM push_events e LEFT JOIN projects p ON p.id = e.project_id \
-                     WHERE (e.seq > $1 OR e.received_at >= $2) AND e.received_at >= $3 \
-                     ORDER BY e.seq LIMIT $4",
-                )
-                .bind(after_seq)
-                .bind(overlap_from)
-                .bind(not_before)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
+                     FROM push_events e LEFT JOIN projects p ON p.id = e.project_id WHERE (e.seq > ",
+                );
+                q.push_bind(after_seq).push(" OR e.received_at >= ").push_bind(overlap_from);
+                q.push(") AND e.received_at >= ").push_bind(not_before);
+                if !projects.is_empty() {
+                    q.push(" AND e.project_path IN (");
+                    let mut list = q.separated(", ");
+                    for p in projects {
+                        list.push_bind(p.as_str());
+                    }
+                    q.push(")");
+                }
+                q.push(" ORDER BY e.seq LIMIT ").push_bind(limit);
+                #[allow(clippy::type_complexity)]
+                let rows: Vec<(i64, i64, String, i64, Option<String>, Option<String>, Option<String>)> =
+                    q.build_query_as().fetch_all(&self.pool).await?;
                 rows.into_iter().map(notice_from_row).collect()
             }
 
@@ -497,13 +519,11 @@ pub(super) fn notice_from_row(
     ),
 ) -> Result<super::PushNotice, StoreError> {
     let (seq, project_id, path, received_at, registry_path, visibility, access) = r;
-    // The registry must describe this very path for the public branch of the rule to apply.
-    let same_path = registry_path.as_deref() == Some(path.as_str());
     Ok(super::PushNotice {
         seq,
         project_id,
+        world_readable: world_readable(&path, project_id, registry_path, visibility, access),
         project_path: ProjectPath::parse(&path).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        world_readable: same_path && world_readable(visibility.as_deref(), access.as_deref()),
         received_at,
     })
 }

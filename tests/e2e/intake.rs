@@ -269,17 +269,30 @@ async fn bad_input_changes_nothing(db: TestDb) {
         .await
         .unwrap();
     assert_eq!(r.status(), 400, "missing X-Gitlab-Event");
-    // Oversized: declared length, and a chunked body that never declares one.
-    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(8 * 1024));
-    assert_eq!(
-        app.webhook("Push Hook", big.clone(), &[]).await.status(),
-        413
+    // Oversized, declared: answered from the headers alone (the body is never sent here).
+    let head = format!(
+        "POST /webhooks/gitlab HTTP/1.1\r\nHost: kas\r\nX-Gitlab-Token: {}\r\nX-Gitlab-Event: Push Hook\r\nContent-Length: 8192\r\n\r\n",
+        app.webhook_secret
     );
-    let chunks = futures::stream::iter((0..16).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
-    let r = app
-        .webhook("Push Hook", reqwest::Body::wrap_stream(chunks), &[])
-        .await;
-    assert_eq!(r.status(), 413);
+    assert!(
+        raw_http(app.http, head.as_bytes())
+            .await
+            .starts_with("HTTP/1.1 413")
+    );
+    // Oversized, chunked: refused once the limit is passed, without waiting for the rest.
+    let mut chunked = format!(
+        "POST /webhooks/gitlab HTTP/1.1\r\nHost: kas\r\nX-Gitlab-Token: {}\r\nX-Gitlab-Event: Push Hook\r\nTransfer-Encoding: chunked\r\n\r\n",
+        app.webhook_secret
+    )
+    .into_bytes();
+    for _ in 0..5 {
+        chunked.extend_from_slice(format!("400\r\n{}\r\n", " ".repeat(1024)).as_bytes());
+    }
+    assert!(
+        raw_http(app.http, &chunked)
+            .await
+            .starts_with("HTTP/1.1 413")
+    );
     // Ignored kinds get 200.
     for (event, body) in [
         ("Merge Request Hook", r#"{"object_kind":"merge_request"}"#),
@@ -478,7 +491,8 @@ pub fn write_gitlab_secret(db: &TestDb) -> String {
     path.display().to_string()
 }
 
-async fn grpc_client(app: &TestApp) -> NotificationsClient<tonic::transport::Channel> {
+/// A client of the GitLab-facing listener, as GitLab Rails is.
+pub async fn grpc_client(app: &TestApp) -> NotificationsClient<tonic::transport::Channel> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.api))
         .unwrap()
         .connect()
@@ -618,4 +632,34 @@ async fn git_push_event_database_down_is_unavailable() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
     drop(app);
+}
+
+/// Sends GitPushEvent as GitLab Rails does (valid JWT, gzip); panics on failure.
+pub async fn send_git_push(
+    client: &mut NotificationsClient<tonic::transport::Channel>,
+    id: i64,
+    path: &str,
+) {
+    client
+        .git_push_event(git_push(
+            id,
+            path,
+            Some(&gitlab_jwt(&gitlab_secret(), "gitlab-kas", 60)),
+        ))
+        .await
+        .unwrap();
+}
+
+/// Writes `request` on a fresh connection (never finishing any body it announces) and returns
+/// what the server answers.
+async fn raw_http(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(request).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut answer))
+        .await
+        .expect("answer without the body")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
 }

@@ -6,3 +6,4 @@ mod cli;
 mod intake;
 mod server;
 mod store_story;
+mod streams;

@@ -273,23 +273,43 @@ async fn event_log_story(db: TestDb) {
     );
 
     // Replay reads: after a sequence number, or within the overlap, never before the window.
-    let since = store.pushes_since(n2.seq, i64::MAX, 0, 100).await.unwrap();
+    let since = store
+        .pushes_since(n2.seq, i64::MAX, 0, &[], 100)
+        .await
+        .unwrap();
     assert_eq!(
         since.iter().map(|n| n.seq).collect::<Vec<_>>(),
         vec![n3.seq, n4.seq]
     );
-    let overlap = store.pushes_since(n4.seq, 300, 0, 100).await.unwrap();
+    let overlap = store.pushes_since(n4.seq, 300, 0, &[], 100).await.unwrap();
     assert_eq!(
         overlap.iter().map(|n| n.seq).collect::<Vec<_>>(),
         vec![n3.seq, n4.seq]
     );
     assert!(
         store
-            .pushes_since(0, i64::MAX, 350, 100)
+            .pushes_since(0, i64::MAX, 350, &[], 100)
             .await
             .unwrap()
             .iter()
             .all(|n| n.seq == n4.seq)
+    );
+    // Filtered by project.
+    assert!(
+        store
+            .pushes_since(0, i64::MAX, 0, &["g/private".into()], 100)
+            .await
+            .unwrap()
+            .iter()
+            .all(|n| n.project_path.as_str() == "g/private")
+    );
+    assert_eq!(
+        store
+            .pushes_since(0, i64::MAX, 0, &["g/none".into(), "g/private".into()], 100)
+            .await
+            .unwrap()
+            .len(),
+        1
     );
     // Visibility is read as the registry says now.
     assert!(since.iter().all(|n| !n.world_readable));

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod db;
 
 use std::net::SocketAddr;
@@ -182,6 +183,18 @@ impl TestApp {
             shutdown: Some(tx),
             task: Some(task),
         }
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// `http://<http listener><path>`.

@@ -1,0 +1,105 @@
+//! `kas watch`: the simplest real agent client. Opens ReconcileProjects as agentk does (bearer
+//! token, gzip), prints one JSON line per notification, reopens the stream at once after a
+//! clean end and with backoff after an error, and stops on a refused token.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tonic::Code;
+use tonic::codec::CompressionEncoding;
+
+use super::client::ConnectArgs;
+use super::{CliError, format_time, io};
+use crate::proto::flux::rpc::git_lab_flux_client::GitLabFluxClient;
+use crate::proto::flux::rpc::{Project, ReconcileProjectsRequest};
+use crate::store::now_ms;
+
+/// Arguments of `kas watch`.
+#[derive(Debug, clap::Args)]
+pub struct WatchArgs {
+    /// Where to connect (the agent listener).
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// File holding the agent token
+    #[arg(long)]
+    pub token_file: PathBuf,
+    /// Stop after this many notifications
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Do not reopen the stream when it ends
+    #[arg(long)]
+    pub once: bool,
+    /// Full paths of the projects to watch
+    #[arg(required = true)]
+    pub projects: Vec<String>,
+}
+
+/// Runs `kas watch`.
+pub async fn run(args: WatchArgs, out: &mut impl std::io::Write) -> Result<(), CliError> {
+    let token = std::fs::read_to_string(&args.token_file)
+        .map_err(|e| CliError::Other(format!("--token-file {}: {e}", args.token_file.display())))?;
+    let bearer: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", token.trim()).parse().map_err(|_| {
+            CliError::Other("the token file holds characters a token cannot have".into())
+        })?;
+    let mut seen = 0u64;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let result = async {
+            let channel = args.connect.connect().await?;
+            let mut client =
+                GitLabFluxClient::new(channel).send_compressed(CompressionEncoding::Gzip);
+            let mut request = tonic::Request::new(ReconcileProjectsRequest {
+                project: args
+                    .projects
+                    .iter()
+                    .map(|p| Project { id: p.clone() })
+                    .collect(),
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+            let mut stream = client
+                .reconcile_projects(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            while let Some(response) = stream.message().await.map_err(status_error)? {
+                let project = response.project.map(|p| p.id).unwrap_or_default();
+                let line = serde_json::json!({ "project": project, "at": format_time(now_ms()) });
+                writeln!(out, "{line}").map_err(io)?;
+                out.flush().map_err(io)?;
+                seen += 1;
+                if args.count.is_some_and(|c| seen >= c) {
+                    return Ok(true);
+                }
+            }
+            Ok::<bool, CliError>(false)
+        }
+        .await;
+        match result {
+            Ok(true) => return Ok(()),
+            Ok(false) if args.once => return Ok(()),
+            Ok(false) => {
+                eprintln!("stream ended; reopening");
+                backoff = Duration::from_secs(1);
+            }
+            Err(CliError::Other(m)) if m.starts_with("Unauthenticated") || args.once => {
+                return Err(CliError::Other(m));
+            }
+            Err(e) => {
+                eprintln!("{e}; retrying in {}s", backoff.as_secs());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+fn status_error(s: tonic::Status) -> CliError {
+    let code = match s.code() {
+        Code::Unauthenticated => "Unauthenticated",
+        other => return CliError::Other(format!("{other:?}: {}", s.message())),
+    };
+    CliError::Other(format!("{code}: {}", s.message()))
+}

@@ -1,0 +1,408 @@
+//! The index from project path to open streams, and the bookkeeping around it: replay at
+//! open, delivery positions, token re-checks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::pending::Pending;
+use super::stream::ReconcileStream;
+use crate::engine::{Engine, LocalDelivery};
+use crate::identity::{AgentDirectory, AgentIdentity};
+use crate::metrics::Metrics;
+use crate::store::{DeliveryPosition, PushNotice, Store, now_ms};
+
+/// Events replayed from the log per query.
+const REPLAY_PAGE: i64 = 5000;
+/// A project set this small is filtered in SQL during replay; larger sets scan the window.
+const REPLAY_SQL_FILTER_MAX: usize = 200;
+/// How often delivery positions of open streams are saved.
+const POSITION_SAVE_EVERY: Duration = Duration::from_secs(5);
+
+/// Delivery settings.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// How far back a reconnecting agent is replayed.
+    pub replay_window: Duration,
+    /// Events received this long before an agent's position was saved are replayed too: a
+    /// connection that died silently may have swallowed the last sends before it was noticed
+    /// (keepalive detects a dead peer within about 80 s), and replicas may publish slightly out
+    /// of sequence order.
+    pub replay_overlap: Duration,
+    /// How often open streams' credentials are re-checked.
+    pub token_recheck: Duration,
+}
+
+/// State shared between the hub and one open stream.
+pub(super) struct StreamShared {
+    pub id: u64,
+    pub agent: AgentIdentity,
+    pub projects: Vec<Arc<str>>,
+    pub pending: Mutex<Pending>,
+    pub wake: tokio::sync::Notify,
+    /// Cancelled when the stream's credential stops working.
+    pub revoked: CancellationToken,
+    /// Last position saved, to skip saving an unchanged one.
+    pub saved_seq: AtomicI64,
+}
+
+/// Every open stream of this replica, indexed by project path.
+pub struct Hub {
+    index: RwLock<HashMap<Arc<str>, Vec<Arc<StreamShared>>>>,
+    streams: Mutex<HashMap<u64, Arc<StreamShared>>>,
+    agents: Mutex<HashMap<i64, usize>>,
+    next_id: AtomicU64,
+    /// Highest sequence number handed to the index so far.
+    max_seq: AtomicI64,
+    pub(super) directory: Arc<dyn AgentDirectory>,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) engine: Arc<dyn Engine>,
+    pub(super) metrics: Arc<Metrics>,
+    config: HubConfig,
+}
+
+impl Hub {
+    /// A hub with no streams.
+    pub fn new(
+        directory: Arc<dyn AgentDirectory>,
+        store: Arc<dyn Store>,
+        engine: Arc<dyn Engine>,
+        metrics: Arc<Metrics>,
+        config: HubConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            index: RwLock::default(),
+            streams: Mutex::default(),
+            agents: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            max_seq: AtomicI64::new(0),
+            directory,
+            store,
+            engine,
+            metrics,
+            config,
+        })
+    }
+
+    /// Starts the periodic position saving and token re-checks; they stop with `stop`.
+    pub async fn start(self: &Arc<Self>, stop: CancellationToken) {
+        // Streams opened before any event arrived need a starting point for their position.
+        if let Ok(seq) = self.store.last_seq().await {
+            self.max_seq.fetch_max(seq, Ordering::AcqRel);
+        }
+        let hub = self.clone();
+        let stop_saving = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(POSITION_SAVE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = stop_saving.cancelled() => return,
+                    _ = tick.tick() => hub.save_positions().await,
+                }
+            }
+        });
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(hub.config.token_recheck);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => hub.recheck_credentials().await,
+                }
+            }
+        });
+    }
+
+    /// Opens a stream for `agent` over `projects`: registers it, then queues what the agent
+    /// missed since its last position. The stream ends with OK when `closing` fires.
+    pub async fn open(
+        self: &Arc<Self>,
+        agent: AgentIdentity,
+        projects: Vec<String>,
+        closing: CancellationToken,
+    ) -> ReconcileStream {
+        let shared = self.register(agent, projects);
+        // Registered first, replayed second: an event recorded in between is queued twice at
+        // worst, and the pending set folds the two into one.
+        self.replay(&shared).await;
+        ReconcileStream::new(self.clone(), shared, closing)
+    }
+
+    fn register(&self, agent: AgentIdentity, projects: Vec<String>) -> Arc<StreamShared> {
+        let agent_id = agent.id;
+        let shared = {
+            let mut index = self.index.write().expect("index lock");
+            // Paths are shared with the index, so a public project watched by 10,000 agents is
+            // stored once.
+            let mut seen = std::collections::HashSet::with_capacity(projects.len());
+            let mut interned: Vec<Arc<str>> = Vec::with_capacity(projects.len());
+            for p in projects {
+                if seen.insert(p.clone()) {
+                    interned.push(
+                        index
+                            .get_key_value(p.as_str())
+                            .map(|(k, _)| k.clone())
+                            .unwrap_or_else(|| p.into()),
+                    );
+                }
+            }
+            let shared = Arc::new(StreamShared {
+                id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                agent,
+                projects: interned,
+                pending: Mutex::default(),
+                wake: tokio::sync::Notify::new(),
+                revoked: CancellationToken::new(),
+                saved_seq: AtomicI64::new(i64::MIN),
+            });
+            for path in &shared.projects {
+                index.entry(path.clone()).or_default().push(shared.clone());
+            }
+            shared
+        };
+        self.streams
+            .lock()
+            .expect("streams lock")
+            .insert(shared.id, shared.clone());
+        let mut agents = self.agents.lock().expect("agents lock");
+        *agents.entry(agent_id).or_default() += 1;
+        self.metrics.connected_agents.set(agents.len() as i64);
+        shared
+    }
+
+    /// Removes a closed stream and saves its final position.
+    pub(super) fn close(self: &Arc<Self>, shared: &Arc<StreamShared>) {
+        {
+            let mut index = self.index.write().expect("index lock");
+            for path in &shared.projects {
+                if let Some(list) = index.get_mut(path) {
+                    list.retain(|s| s.id != shared.id);
+                    if list.is_empty() {
+                        index.remove(path);
+                    }
+                }
+            }
+        }
+        self.streams
+            .lock()
+            .expect("streams lock")
+            .remove(&shared.id);
+        {
+            let mut agents = self.agents.lock().expect("agents lock");
+            if let Some(n) = agents.get_mut(&shared.agent.id) {
+                *n -= 1;
+                if *n == 0 {
+                    agents.remove(&shared.agent.id);
+                }
+            }
+            self.metrics.connected_agents.set(agents.len() as i64);
+        }
+        let position = self.position_of(shared);
+        let hub = self.clone();
+        let agent = shared.agent.id;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { hub.save_position(agent, position, true).await });
+        }
+    }
+
+    /// Where `shared`'s notifications got: everything up to the returned sequence number has
+    /// been sent or did not concern it.
+    fn position_of(&self, shared: &StreamShared) -> DeliveryPosition {
+        // Read the high-water mark before looking at the pending set: an event counted in it
+        // was queued before the mark moved, so it is either pending or sent.
+        let high = self.max_seq.load(Ordering::Acquire);
+        let pending_min = shared.pending.lock().expect("pending lock").min_seq();
+        let seq = match pending_min {
+            Some(min) => (min - 1).min(high),
+            None => high,
+        };
+        DeliveryPosition { seq, at: now_ms() }
+    }
+
+    async fn save_position(&self, agent: i64, position: DeliveryPosition, durable: bool) {
+        if let Err(e) = self.engine.save_position(agent, position).await {
+            tracing::debug!(error = %e, agent, "cannot save delivery position in the engine");
+        }
+        // The database copy outlives the engine (a restarted single replica, a flushed Redis).
+        if durable && let Err(e) = self.store.save_position(agent, position).await {
+            tracing::warn!(error = %e, agent, "cannot save delivery position");
+        }
+    }
+
+    async fn save_positions(&self) {
+        let streams: Vec<Arc<StreamShared>> = self
+            .streams
+            .lock()
+            .expect("streams lock")
+            .values()
+            .cloned()
+            .collect();
+        // One position per agent: the least advanced of its streams.
+        let mut per_agent: HashMap<i64, (DeliveryPosition, Vec<&Arc<StreamShared>>)> =
+            HashMap::new();
+        for s in &streams {
+            let p = self.position_of(s);
+            let entry = per_agent.entry(s.agent.id).or_insert((p, Vec::new()));
+            if p.seq < entry.0.seq {
+                entry.0 = p;
+            }
+            entry.1.push(s);
+        }
+        for (agent, (position, owners)) in per_agent {
+            if owners
+                .iter()
+                .all(|s| s.saved_seq.load(Ordering::Relaxed) == position.seq)
+            {
+                continue;
+            }
+            self.save_position(agent, position, false).await;
+            for s in owners {
+                s.saved_seq.store(position.seq, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn load_position(&self, agent: i64) -> Option<DeliveryPosition> {
+        match self.engine.load_position(agent).await {
+            Ok(Some(p)) => return Some(p),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, agent, "engine has no position; reading the database")
+            }
+        }
+        self.store.load_position(agent).await.ok().flatten()
+    }
+
+    async fn replay(&self, shared: &Arc<StreamShared>) {
+        let Some(position) = self.load_position(shared.agent.id).await else {
+            return;
+        };
+        let now = now_ms();
+        let not_before = now - self.config.replay_window.as_millis() as i64;
+        let mut overlap_from = position.at - self.config.replay_overlap.as_millis() as i64;
+        let mut after = position.seq;
+        let filter: Vec<String> = if shared.projects.len() <= REPLAY_SQL_FILTER_MAX {
+            shared.projects.iter().map(|p| p.to_string()).collect()
+        } else {
+            Vec::new()
+        };
+        let wanted: HashMap<&str, &Arc<str>> = shared.projects.iter().map(|p| (&**p, p)).collect();
+        let mut replayed = 0u64;
+        loop {
+            let page = match self
+                .store
+                .pushes_since(after, overlap_from, not_before, &filter, REPLAY_PAGE)
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, agent = shared.agent.id, "cannot replay missed events");
+                    return;
+                }
+            };
+            for n in &page {
+                if let Some(path) = wanted.get(n.project_path.as_str()) {
+                    replayed += u64::from(self.offer(shared, path, n));
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() as i64 == REPLAY_PAGE => {
+                    after = last.seq;
+                    overlap_from = i64::MAX;
+                }
+                _ => break,
+            }
+        }
+        if replayed > 0 {
+            self.metrics.notifications_replayed.inc_by(replayed);
+            tracing::info!(
+                agent = shared.agent.id,
+                projects = replayed,
+                "replaying projects pushed while the agent was away"
+            );
+        }
+    }
+
+    /// Queues `n` for `path` (one of `shared`'s projects) if the agent may see it; true when
+    /// newly queued, false when coalesced or not allowed.
+    fn offer(&self, shared: &StreamShared, path: &Arc<str>, n: &PushNotice) -> bool {
+        if !self
+            .directory
+            .could_notify(&shared.agent, path, n.world_readable)
+        {
+            return false;
+        }
+        let added = shared.pending.lock().expect("pending lock").add(
+            path,
+            n.seq,
+            n.world_readable,
+            n.received_at,
+        );
+        if added {
+            shared.wake.notify_one();
+        } else {
+            self.metrics.notifications_coalesced.inc();
+        }
+        added
+    }
+
+    async fn recheck_credentials(&self) {
+        let streams: Vec<Arc<StreamShared>> = self
+            .streams
+            .lock()
+            .expect("streams lock")
+            .values()
+            .cloned()
+            .collect();
+        if streams.is_empty() {
+            return;
+        }
+        let mut credentials: Vec<i64> = streams.iter().map(|s| s.agent.credential).collect();
+        credentials.sort_unstable();
+        credentials.dedup();
+        let valid = match self.directory.still_valid(&credentials).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-check agent tokens; keeping streams open");
+                return;
+            }
+        };
+        for s in streams
+            .iter()
+            .filter(|s| !valid.contains(&s.agent.credential))
+        {
+            if !s.revoked.is_cancelled() {
+                tracing::info!(
+                    agent = s.agent.id,
+                    "agent token revoked; closing its stream"
+                );
+                s.revoked.cancel();
+            }
+        }
+    }
+
+    /// Number of open streams.
+    pub fn stream_count(&self) -> usize {
+        self.streams.lock().expect("streams lock").len()
+    }
+}
+
+impl LocalDelivery for Hub {
+    fn deliver(&self, notices: &[PushNotice]) {
+        for n in notices {
+            {
+                let index = self.index.read().expect("index lock");
+                if let Some((path, streams)) = index.get_key_value(n.project_path.as_str()) {
+                    for s in streams {
+                        self.offer(s, path, n);
+                    }
+                }
+            }
+            // After queueing: see `position_of`.
+            self.max_seq.fetch_max(n.seq, Ordering::AcqRel);
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! One open ReconcileProjects stream, seen from delivery: the next project to send, or why the
+//! stream ends. Transport-neutral; `grpc/flux.rs` turns it into the wire stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::hub::{Hub, StreamShared};
+use crate::store::now_ms;
+
+/// How long to wait before asking the directory again after it could not answer.
+const ACCESS_RETRY: Duration = Duration::from_secs(1);
+
+/// Why a stream ends with an error (a clean end is `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The agent's credential stopped working while the stream was open.
+    Revoked,
+}
+
+/// An open stream's delivery side. Dropping it unregisters the stream and saves its position.
+pub struct ReconcileStream {
+    hub: Arc<Hub>,
+    shared: Arc<StreamShared>,
+    closing: CancellationToken,
+    done: bool,
+}
+
+impl ReconcileStream {
+    pub(super) fn new(
+        hub: Arc<Hub>,
+        shared: Arc<StreamShared>,
+        closing: CancellationToken,
+    ) -> Self {
+        Self {
+            hub,
+            shared,
+            closing,
+            done: false,
+        }
+    }
+
+    /// The agent this stream serves.
+    pub fn agent(&self) -> &crate::identity::AgentIdentity {
+        &self.shared.agent
+    }
+
+    /// Waits for the next project to send. `None` ends the stream cleanly (shutdown or the
+    /// connection's maximum age); `Some(Err)` ends it with an error.
+    pub async fn next(&mut self) -> Option<Result<Arc<str>, StreamEnd>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            if self.shared.revoked.is_cancelled() {
+                self.done = true;
+                return Some(Err(StreamEnd::Revoked));
+            }
+            let popped = self.shared.pending.lock().expect("pending lock").pop();
+            if let Some((path, entry)) = popped {
+                // The access rule, applied before every send.
+                match self
+                    .hub
+                    .directory
+                    .may_notify(&self.shared.agent, &path, entry.world_readable)
+                    .await
+                {
+                    Ok(true) => {
+                        let metrics = &self.hub.metrics;
+                        metrics.notifications_sent.inc();
+                        let waited_ms = (now_ms() - entry.received_at).max(0);
+                        metrics
+                            .intake_to_send_seconds
+                            .observe(waited_ms as f64 / 1000.0);
+                        return Some(Ok(path));
+                    }
+                    Ok(false) => continue,
+                    Err(e) => {
+                        // Fail closed, and retry rather than drop.
+                        tracing::warn!(error = %e, agent = self.shared.agent.id, project = %path, "cannot check access; will retry");
+                        self.shared
+                            .pending
+                            .lock()
+                            .expect("pending lock")
+                            .put_back(path, entry);
+                        tokio::select! {
+                            _ = self.closing.cancelled() => { self.done = true; return None; }
+                            _ = self.shared.revoked.cancelled() => continue,
+                            _ = tokio::time::sleep(ACCESS_RETRY) => continue,
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = self.shared.revoked.cancelled() => continue,
+                _ = self.closing.cancelled() => {
+                    self.done = true;
+                    return None;
+                }
+                _ = self.shared.wake.notified() => {}
+            }
+        }
+    }
+}
+
+impl Drop for ReconcileStream {
+    fn drop(&mut self) {
+        self.hub.close(&self.shared);
+    }
+}

@@ -1,0 +1,65 @@
+//! The local registry (agents and token digests in the database) as the directory.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::{AgentDirectory, AgentIdentity, IdentityError};
+use crate::domain::{AgentToken, access};
+use crate::store::{Store, now_ms};
+
+/// Agents and tokens from kas's own database; the access rule from `domain::access`.
+pub struct RegistryDirectory {
+    store: Arc<dyn Store>,
+}
+
+impl RegistryDirectory {
+    /// Uses `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+}
+
+#[async_trait]
+impl AgentDirectory for RegistryDirectory {
+    async fn authenticate(&self, token: &AgentToken) -> Result<AgentIdentity, IdentityError> {
+        // Looked up by digest: comparing digests reveals nothing useful about the token.
+        let found = self
+            .store
+            .authenticate(&token.digest(), now_ms())
+            .await
+            .map_err(|e| IdentityError::Unavailable(e.to_string()))?
+            .ok_or(IdentityError::Unauthenticated)?;
+        Ok(AgentIdentity {
+            id: found.agent.id,
+            name: found.agent.name.to_string(),
+            config_project: found.agent.config_project.to_string(),
+            config_project_id: None,
+            credential: found.token_id,
+        })
+    }
+
+    async fn still_valid(&self, credentials: &[i64]) -> Result<Vec<i64>, IdentityError> {
+        self.store
+            .active_tokens(credentials)
+            .await
+            .map_err(|e| IdentityError::Unavailable(e.to_string()))
+    }
+
+    fn could_notify(&self, agent: &AgentIdentity, project: &str, world_readable: bool) -> bool {
+        access::may_notify(&agent.config_project, project, world_readable)
+    }
+
+    async fn may_notify(
+        &self,
+        agent: &AgentIdentity,
+        project: &str,
+        world_readable: bool,
+    ) -> Result<bool, IdentityError> {
+        Ok(access::may_notify(
+            &agent.config_project,
+            project,
+            world_readable,
+        ))
+    }
+}
