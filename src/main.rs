@@ -9,6 +9,8 @@ use kas::config::{Settings, parse_log_format};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS implementation for every client and server in the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

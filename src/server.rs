@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::app::{App, Readiness};
 use crate::config::Config;
 use crate::delivery::{Hub, HubConfig};
-use crate::engine::{Engine, LocalDelivery, MemoryEngine};
+use crate::engine::{Engine, EngineContext, LocalDelivery, MemoryEngine, RedisEngine, RedisTarget};
 use crate::gitlab_jwt::GitLabJwt;
 use crate::identity::{AgentDirectory, RegistryDirectory};
 use crate::intake::{Intake, Outbox};
@@ -57,6 +57,9 @@ pub enum ServeError {
     /// A secret file is unusable.
     #[error("secret file {0}")]
     Secret(#[from] SecretError),
+    /// The Redis URL is unusable.
+    #[error("{0}")]
+    Redis(String),
     /// TLS files are unusable.
     #[error("TLS: {0}")]
     Tls(String),
@@ -95,7 +98,21 @@ pub async fn serve(
     }
     let token = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
-    let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::default());
+    let engine: Arc<dyn Engine> = match &config.redis_url {
+        Some(url) => {
+            let target = RedisTarget::parse(url.expose()).map_err(|e| {
+                ServeError::Redis(format!("invalid --redis-url (KAS_REDIS_URL): {e}"))
+            })?;
+            Arc::new(RedisEngine::new(
+                target,
+                &config.redis_prefix,
+                &config.replica_name,
+                config.replay_window,
+                metrics.clone(),
+            ))
+        }
+        None => Arc::new(MemoryEngine::default()),
+    };
     let directory: Arc<dyn AgentDirectory> = Arc::new(RegistryDirectory::new(store.clone()));
     let hub = Hub::new(
         directory.clone(),
@@ -106,6 +123,13 @@ pub async fn serve(
     );
     hub.start(token.clone()).await;
     let local: Arc<dyn LocalDelivery> = hub.clone();
+    engine.clone().start(EngineContext {
+        local: local.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        replay_window: config.replay_window,
+        shutdown: token.clone(),
+    });
     let (outbox, outbox_tasks) = Outbox::start(
         store.clone(),
         engine.clone(),
@@ -183,6 +207,7 @@ pub async fn serve(
     app.readiness.set_listeners_up();
     tracing::info!(
         http = %addrs.0, agent = %addrs.1, api = %addrs.2,
+        engine = app.engine.name(),
         database = if app.config.store.database_url.expose().starts_with("sqlite:") { "sqlite" } else { "postgres" },
         replica = %app.config.replica_name,
         "kas is serving"
@@ -217,5 +242,6 @@ fn hub_config(config: &Config) -> HubConfig {
         // Covers a connection that died silently until keepalive noticed (about 80 s).
         replay_overlap: std::time::Duration::from_secs(120).min(config.replay_window),
         token_recheck: config.token_recheck,
+        replica: config.replica_name.clone(),
     }
 }

@@ -1,6 +1,7 @@
 //! The `kas` command line: `serve` runs the server; the other commands manage the registry
 //! directly in the database or act as GitLab's and an agent's clients.
 
+mod agents;
 pub mod client;
 mod push;
 mod registry;
@@ -54,6 +55,8 @@ pub enum Command {
     Push(push::PushArgs),
     /// Open ReconcileProjects as an agent does; print one JSON line per notification
     Watch(watch::WatchArgs),
+    /// List the agents connected to any replica (from a server's GET /agents)
+    Agents(agents::AgentsArgs),
 }
 
 /// Why a command failed; printed as one line.
@@ -112,6 +115,7 @@ pub async fn run(command: Command, out: &mut impl std::io::Write) -> Result<(), 
         Command::Project { action } => registry::project(action, out).await,
         Command::Push(args) => push::run(args, out).await,
         Command::Watch(args) => watch::run(args, out).await,
+        Command::Agents(args) => agents::run(args, out).await,
     }
 }
 

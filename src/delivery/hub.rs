@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::pending::Pending;
 use super::stream::ReconcileStream;
-use crate::engine::{Engine, LocalDelivery};
+use crate::engine::{ConnectionRecord, Engine, LocalDelivery};
 use crate::identity::{AgentDirectory, AgentIdentity};
 use crate::metrics::Metrics;
 use crate::store::{DeliveryPosition, PushNotice, Store, now_ms};
@@ -19,6 +19,9 @@ use crate::store::{DeliveryPosition, PushNotice, Store, now_ms};
 const REPLAY_PAGE: i64 = 5000;
 /// A project set this small is filtered in SQL during replay; larger sets scan the window.
 const REPLAY_SQL_FILTER_MAX: usize = 200;
+/// Sequence numbers remembered as delivered here, so an event that arrives twice (the outbox's
+/// sweep, a catch-up after a Redis outage) is queued once.
+const REMEMBERED: usize = 200_000;
 /// How often delivery positions of open streams are saved.
 const POSITION_SAVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -34,6 +37,8 @@ pub struct HubConfig {
     pub replay_overlap: Duration,
     /// How often open streams' credentials are re-checked.
     pub token_recheck: Duration,
+    /// This replica's name, in connection records.
+    pub replica: String,
 }
 
 /// State shared between the hub and one open stream.
@@ -57,6 +62,7 @@ pub struct Hub {
     next_id: AtomicU64,
     /// Highest sequence number handed to the index so far.
     max_seq: AtomicI64,
+    seen: Mutex<Seen>,
     pub(super) directory: Arc<dyn AgentDirectory>,
     pub(super) store: Arc<dyn Store>,
     pub(super) engine: Arc<dyn Engine>,
@@ -79,6 +85,7 @@ impl Hub {
             agents: Mutex::default(),
             next_id: AtomicU64::new(1),
             max_seq: AtomicI64::new(0),
+            seen: Mutex::default(),
             directory,
             store,
             engine,
@@ -125,10 +132,30 @@ impl Hub {
         closing: CancellationToken,
     ) -> ReconcileStream {
         let shared = self.register(agent, projects);
+        self.engine
+            .connection_opened(ConnectionRecord {
+                id: self.connection_id(&shared),
+                replica: self.config.replica.clone(),
+                agent_id: shared.agent.id,
+                agent_name: shared.agent.name.clone(),
+                rpc: "reconcile_projects".into(),
+                connected_at: now_ms(),
+                projects: shared.projects.len(),
+            })
+            .await;
         // Registered first, replayed second: an event recorded in between is queued twice at
         // worst, and the pending set folds the two into one.
         self.replay(&shared).await;
+        // A starting point right away: if this replica dies before the periodic save, the
+        // agent still gets what it misses when it reconnects elsewhere.
+        let position = self.position_of(&shared);
+        self.save_position(shared.agent.id, position, false).await;
+        shared.saved_seq.store(position.seq, Ordering::Relaxed);
         ReconcileStream::new(self.clone(), shared, closing)
+    }
+
+    fn connection_id(&self, shared: &StreamShared) -> String {
+        format!("{}/{}", self.config.replica, shared.id)
     }
 
     fn register(&self, agent: AgentIdentity, projects: Vec<String>) -> Arc<StreamShared> {
@@ -203,8 +230,12 @@ impl Hub {
         let position = self.position_of(shared);
         let hub = self.clone();
         let agent = shared.agent.id;
+        let id = self.connection_id(shared);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { hub.save_position(agent, position, true).await });
+            rt.spawn(async move {
+                hub.engine.connection_closed(&id).await;
+                hub.save_position(agent, position, true).await
+            });
         }
     }
 
@@ -392,7 +423,11 @@ impl Hub {
 
 impl LocalDelivery for Hub {
     fn deliver(&self, notices: &[PushNotice]) {
-        for n in notices {
+        let fresh: Vec<&PushNotice> = {
+            let mut seen = self.seen.lock().expect("seen lock");
+            notices.iter().filter(|n| seen.insert(n.seq)).collect()
+        };
+        for n in fresh {
             {
                 let index = self.index.read().expect("index lock");
                 if let Some((path, streams)) = index.get_key_value(n.project_path.as_str()) {
@@ -404,5 +439,46 @@ impl LocalDelivery for Hub {
             // After queueing: see `position_of`.
             self.max_seq.fetch_max(n.seq, Ordering::AcqRel);
         }
+    }
+}
+
+/// A bounded memory of sequence numbers already delivered to local streams.
+#[derive(Default)]
+struct Seen {
+    set: std::collections::HashSet<i64>,
+    order: std::collections::VecDeque<i64>,
+}
+
+impl Seen {
+    /// Remembers `seq`; false when it was already remembered.
+    fn insert(&mut self, seq: i64) -> bool {
+        if !self.set.insert(seq) {
+            return false;
+        }
+        self.order.push_back(seq);
+        if self.order.len() > REMEMBERED
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_set_is_bounded_and_remembers_recent() {
+        let mut d = Seen::default();
+        assert!(d.insert(1));
+        assert!(!d.insert(1));
+        for i in 2..(REMEMBERED as i64 + 10) {
+            d.insert(i);
+        }
+        assert!(d.set.len() <= REMEMBERED);
+        assert!(d.insert(1), "the oldest was forgotten");
+        assert!(!d.insert(REMEMBERED as i64 + 5));
     }
 }

@@ -1,12 +1,12 @@
-//! The in-process engine: a single replica, so there is nobody else to tell; positions live
-//! in memory (the database keeps a copy that survives a restart).
+//! The in-process engine: a single replica, so there is nobody else to tell; positions and
+//! connections live in memory (the database keeps a copy of positions that survives a restart).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{Engine, EngineError};
+use super::{ConnectionRecord, Engine, EngineContext, EngineError};
 use crate::domain::AgentId;
 use crate::store::{DeliveryPosition, PushNotice};
 
@@ -14,6 +14,7 @@ use crate::store::{DeliveryPosition, PushNotice};
 #[derive(Default)]
 pub struct MemoryEngine {
     positions: Mutex<HashMap<AgentId, DeliveryPosition>>,
+    connections: Mutex<HashMap<String, ConnectionRecord>>,
 }
 
 #[async_trait]
@@ -21,6 +22,8 @@ impl Engine for MemoryEngine {
     fn name(&self) -> &'static str {
         "memory"
     }
+
+    fn start(self: Arc<Self>, _: EngineContext) {}
 
     async fn broadcast(&self, _: &[PushNotice]) -> Result<(), EngineError> {
         Ok(())
@@ -49,5 +52,31 @@ impl Engine for MemoryEngine {
             .expect("positions lock")
             .get(&agent)
             .copied())
+    }
+
+    async fn connection_opened(&self, record: ConnectionRecord) {
+        self.connections
+            .lock()
+            .expect("connections lock")
+            .insert(record.id.clone(), record);
+    }
+
+    async fn connection_closed(&self, id: &str) {
+        self.connections
+            .lock()
+            .expect("connections lock")
+            .remove(id);
+    }
+
+    async fn connections(&self) -> Result<Vec<ConnectionRecord>, EngineError> {
+        let mut all: Vec<_> = self
+            .connections
+            .lock()
+            .expect("connections lock")
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
     }
 }

@@ -1,17 +1,27 @@
-//! Engines: how recorded events reach every replica, and where live connection state lives.
+//! Engines: how recorded events reach every replica, and where live connection state and
+//! delivery positions live.
 //!
 //! The outbox hands each recorded event to this replica's delivery directly and to the engine
 //! for every other replica. The in-process engine (the single-replica default) has no other
-//! replica to reach; the Redis engine publishes to all of them.
+//! replica to reach; the Redis engine publishes to all of them and feeds what the others
+//! publish into this replica's delivery.
 
 mod memory;
+mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::domain::AgentId;
-use crate::store::{DeliveryPosition, PushNotice};
+use crate::metrics::Metrics;
+use crate::store::{DeliveryPosition, PushNotice, Store};
 
 pub use memory::MemoryEngine;
+pub use redis::{RedisEngine, RedisTarget};
 
 /// What an engine could not do.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +33,8 @@ pub enum EngineError {
 
 /// Where events for this replica's agent streams go.
 pub trait LocalDelivery: Send + Sync + 'static {
-    /// Hands events to the local streams that want them; never blocks on a slow agent.
+    /// Hands events to the local streams that want them; never blocks on a slow agent, and
+    /// ignores an event it was already given.
     fn deliver(&self, notices: &[PushNotice]);
 }
 
@@ -34,14 +45,49 @@ impl LocalDelivery for NoDelivery {
     fn deliver(&self, _: &[PushNotice]) {}
 }
 
-/// Fan-out across replicas.
+/// One open agent stream, as the connection state lists it across replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionRecord {
+    /// Unique id: `<replica>/<stream>`.
+    pub id: String,
+    /// Replica serving it.
+    pub replica: String,
+    /// Agent id.
+    pub agent_id: AgentId,
+    /// Agent name.
+    pub agent_name: String,
+    /// RPC (`reconcile_projects`, …).
+    pub rpc: String,
+    /// Unix milliseconds.
+    pub connected_at: i64,
+    /// Number of projects the stream asked for.
+    pub projects: usize,
+}
+
+/// What an engine's background tasks need.
+pub struct EngineContext {
+    /// This replica's delivery, fed with other replicas' events.
+    pub local: Arc<dyn LocalDelivery>,
+    /// The event log, to catch up after missing published events.
+    pub store: Arc<dyn Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// How far back a catch-up may reach.
+    pub replay_window: Duration,
+    /// Cancelled at shutdown.
+    pub shutdown: CancellationToken,
+}
+
+/// Fan-out across replicas, connection state and delivery positions.
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
     /// Short name for logs and `/readyz` (`memory`, `redis`).
     fn name(&self) -> &'static str;
+    /// Starts background work (subscriptions, heartbeats); returns at once.
+    fn start(self: Arc<Self>, ctx: EngineContext);
     /// Makes recorded events reach every other replica's local delivery.
     async fn broadcast(&self, notices: &[PushNotice]) -> Result<(), EngineError>;
-    /// Whether the backing service answers.
+    /// Whether the backing service answers and this replica receives what others publish.
     async fn ping(&self) -> Result<(), EngineError>;
     /// Saves how far an agent's notifications got, where every replica can read it.
     async fn save_position(
@@ -51,4 +97,10 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<(), EngineError>;
     /// Reads an agent's delivery position.
     async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, EngineError>;
+    /// Records an open stream (best effort: a failure is repaired by the next heartbeat).
+    async fn connection_opened(&self, record: ConnectionRecord);
+    /// Forgets a closed stream (best effort).
+    async fn connection_closed(&self, id: &str);
+    /// Every open stream on every live replica.
+    async fn connections(&self) -> Result<Vec<ConnectionRecord>, EngineError>;
 }

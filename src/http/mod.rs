@@ -22,6 +22,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/webhooks/gitlab", post(webhook::receive))
+        .route("/agents", get(agents))
         .with_state(app)
 }
 
@@ -50,6 +51,15 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     };
     ready &= listeners == "ok";
     checks.insert("listeners".into(), listeners.into());
+    if app.engine.name() == "redis" {
+        let redis = match tokio::time::timeout(Duration::from_secs(3), app.engine.ping()).await {
+            Ok(Ok(())) => "ok".to_owned(),
+            Ok(Err(e)) => format!("failing: {e}"),
+            Err(_) => "failing: no answer within 3s".to_owned(),
+        };
+        ready &= redis == "ok";
+        checks.insert("redis".into(), redis.into());
+    }
     let status = if ready {
         StatusCode::OK
     } else {
@@ -74,4 +84,32 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         app.metrics.encode(),
     )
         .into_response()
+}
+
+/// `GET /agents`: open agent streams on every replica. Guarded by the webhook secret as a
+/// bearer token, since it names agents.
+async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim().as_bytes())
+        .unwrap_or_default();
+    if !app.secrets.webhook_token_matches(presented) {
+        app.metrics.auth_failure("admin");
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "Authorization: Bearer <webhook secret> required"})),
+        )
+            .into_response();
+    }
+    match app.engine.connections().await {
+        Ok(connections) => Json(json!({ "connections": connections })).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
 }

@@ -4,8 +4,7 @@
 //! the log, and the sweeper, on any replica, claims it with a lease and tries again until it
 //! succeeds. Old events are pruned after the retention period.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -30,8 +29,6 @@ const SWEEP_BATCH: i64 = 1000;
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// Rows deleted per statement, so pruning never holds long locks.
 const PRUNE_BATCH: i64 = 10_000;
-/// Recently delivered sequence numbers remembered, so a sweep does not deliver them locally twice.
-const REMEMBERED: usize = 200_000;
 
 /// Publishes recorded events; see the module documentation.
 pub struct Outbox {
@@ -50,30 +47,6 @@ struct Shared {
     engine: Arc<dyn Engine>,
     local: Arc<dyn LocalDelivery>,
     metrics: Arc<Metrics>,
-    delivered: Mutex<Delivered>,
-}
-
-/// A bounded memory of sequence numbers already delivered to local streams.
-#[derive(Default)]
-struct Delivered {
-    set: HashSet<i64>,
-    order: VecDeque<i64>,
-}
-
-impl Delivered {
-    /// Remembers `seq`; false when it was already remembered.
-    fn insert(&mut self, seq: i64) -> bool {
-        if !self.set.insert(seq) {
-            return false;
-        }
-        self.order.push_back(seq);
-        if self.order.len() > REMEMBERED
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
-        }
-        true
-    }
 }
 
 impl Outbox {
@@ -91,7 +64,6 @@ impl Outbox {
             engine,
             local,
             metrics: metrics.clone(),
-            delivered: Mutex::default(),
         });
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -174,20 +146,10 @@ async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 impl Shared {
-    /// Delivers locally (once per event), broadcasts, marks published; returns whether the
-    /// broadcast succeeded.
+    /// Delivers locally (local delivery ignores events it already has), broadcasts, marks
+    /// published; returns whether the broadcast succeeded.
     async fn publish(&self, batch: Vec<PushNotice>, from_sweep: bool) -> bool {
-        let fresh: Vec<PushNotice> = {
-            let mut delivered = self.delivered.lock().expect("delivered set lock");
-            batch
-                .iter()
-                .filter(|n| delivered.insert(n.seq))
-                .cloned()
-                .collect()
-        };
-        if !fresh.is_empty() {
-            self.local.deliver(&fresh);
-        }
+        self.local.deliver(&batch);
         match self.engine.broadcast(&batch).await {
             Ok(()) => {
                 let seqs: Vec<i64> = batch.iter().map(|n| n.seq).collect();
@@ -232,23 +194,5 @@ async fn prune(shared: Arc<Shared>, retention: Duration, stop: CancellationToken
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(PRUNE_EVERY) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn delivered_set_is_bounded_and_remembers_recent() {
-        let mut d = Delivered::default();
-        assert!(d.insert(1));
-        assert!(!d.insert(1));
-        for i in 2..(REMEMBERED as i64 + 10) {
-            d.insert(i);
-        }
-        assert!(d.set.len() <= REMEMBERED);
-        assert!(d.insert(1), "the oldest was forgotten");
-        assert!(!d.insert(REMEMBERED as i64 + 5));
     }
 }

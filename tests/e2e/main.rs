@@ -4,6 +4,7 @@ mod support;
 
 mod cli;
 mod intake;
+mod replicas;
 mod server;
 mod store_story;
 mod streams;

@@ -23,7 +23,9 @@ async fn webhook_reaches_watching_agent(db: TestDb) {
         Some("team/config")
     );
     // Pushes in sequence arrive in sequence.
-    let mut in_order = agent
+    let (_, orderly_token) = app.create_agent("orderly", "team/config").await;
+    let orderly = TestAgent::connect(app.agent, &orderly_token).await;
+    let mut in_order = orderly
         .open(&["team/config", "team/a", "team/b"])
         .await
         .unwrap();
@@ -44,7 +46,7 @@ async fn webhook_reaches_watching_agent(db: TestDb) {
         metrics.contains("kas_streams_open{name=\"reconcile_projects\"} 2"),
         "{metrics}"
     );
-    assert!(metrics.contains("kas_connected_agents 1"), "{metrics}");
+    assert!(metrics.contains("kas_connected_agents 2"), "{metrics}");
     assert!(
         metrics.contains("kas_intake_to_send_seconds_count"),
         "{metrics}"

@@ -4,6 +4,8 @@
 
 pub mod agent;
 pub mod db;
+pub mod process;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,83 @@
+//! `kas agents`: the agents connected across all replicas, from a server's `GET /agents`.
+
+use std::path::PathBuf;
+
+use super::{CliError, format_time, io};
+use crate::engine::ConnectionRecord;
+
+/// Arguments of `kas agents`.
+#[derive(Debug, clap::Args)]
+pub struct AgentsArgs {
+    /// Any replica's HTTP listener, e.g. http://127.0.0.1:8080
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub addr: String,
+    /// The webhook secret file (the route is guarded by it)
+    #[arg(
+        long,
+        env = "KAS_WEBHOOK_SECRET_FILE",
+        default_value = "./kas-data/webhook-secret"
+    )]
+    pub secret_file: PathBuf,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct Answer {
+    connections: Vec<ConnectionRecord>,
+}
+
+/// Runs `kas agents`.
+pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), CliError> {
+    let secret = std::fs::read_to_string(&args.secret_file).map_err(|e| {
+        CliError::Other(format!("--secret-file {}: {e}", args.secret_file.display()))
+    })?;
+    let secret = secret
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default()
+        .to_owned();
+    let url = format!("{}/agents", args.addr.trim_end_matches('/'));
+    let response = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(secret)
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| CliError::Other(format!("{url}: {e}")))?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        return Err(CliError::Other(format!("{url}: {status}: {}", body.trim())));
+    }
+    let answer: Answer = response
+        .json()
+        .await
+        .map_err(|e| CliError::Other(format!("{url}: {e}")))?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&answer.connections).expect("serializable");
+        return writeln!(out, "{text}").map_err(io);
+    }
+    writeln!(
+        out,
+        "{:<8} {:<24} {:<20} {:<20} {:<9} CONNECTED",
+        "AGENT", "NAME", "RPC", "REPLICA", "PROJECTS"
+    )
+    .map_err(io)?;
+    for c in answer.connections {
+        writeln!(
+            out,
+            "{:<8} {:<24} {:<20} {:<20} {:<9} {}",
+            c.agent_id,
+            c.agent_name,
+            c.rpc,
+            c.replica,
+            c.projects,
+            format_time(c.connected_at)
+        )
+        .map_err(io)?;
+    }
+    Ok(())
+}

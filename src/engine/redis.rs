@@ -1,0 +1,776 @@
+//! The Redis engine: several replicas behind one load balancer act as one service.
+//!
+//! - Fan-out: every replica publishes its recorded events on one channel and subscribes to it;
+//!   an event from any replica reaches the streams of every replica. Classic pub/sub is used on
+//!   every topology: on a Redis Cluster a PUBLISH reaches subscribers on every node, so the
+//!   subscription may sit on any node.
+//! - Gaps: pub/sub keeps nothing for a subscriber that is away. Whenever the subscription is
+//!   lost (Redis down, a failover, a dead connection caught by the liveness ping), the replica
+//!   catches up from the event log once it is subscribed again, so nothing recorded meanwhile is
+//!   missed (the hub ignores events it already has).
+//! - State: delivery positions and the connection state (which agents are connected to which
+//!   replica, refreshed by a heartbeat and expiring with a dead replica) are Redis keys. Every key
+//!   and the channel start with the hash tag `{<prefix>}`, so on a cluster they share one slot
+//!   and multi-key commands (RENAME of the connection table) stay legal.
+//! - Redis down never refuses an agent: positions fall back to the database, connection state
+//!   is rewritten by the next heartbeat, and the outbox keeps unpublished events in the log.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use redis::aio::{MultiplexedConnection, PubSub};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{AsyncConnectionConfig, Client, FromRedisValue, Pipeline, RedisConnectionInfo};
+use serde::{Deserialize, Serialize};
+
+use super::{ConnectionRecord, Engine, EngineContext, EngineError};
+use crate::domain::{AgentId, ProjectPath};
+use crate::metrics::Metrics;
+use crate::store::{DeliveryPosition, PushNotice, now_ms};
+
+/// Longest wait for any one Redis operation.
+const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed connection attempt, operations fail at once for this long instead of each
+/// waiting for its own attempt.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+/// How often the subscription is checked with a PING.
+const SUBSCRIPTION_PING: Duration = Duration::from_secs(2);
+/// How often a replica refreshes its entry in the connection state.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A replica silent this long is considered gone; its connection table expires with it.
+const REPLICA_TTL: Duration = Duration::from_secs(20);
+/// Heartbeats between full rewrites of the replica's connection table.
+const FULL_REWRITE_EVERY: u32 = 12;
+/// Catch-up reaches this far before the moment the subscription was found lost.
+const CATCH_UP_OVERLAP_MS: i64 = 30_000;
+/// Events read from the log per catch-up query.
+const CATCH_UP_PAGE: i64 = 5000;
+
+/// Where Redis is, from `KAS_REDIS_URL`.
+pub enum RedisTarget {
+    /// `redis://…`, `rediss://…` or `unix://…`: one server.
+    Single(Client),
+    /// `redis+sentinel://[user:password@]host:port[,host:port…]/master[/db]`: the master that
+    /// Sentinel names, asked again after every lost connection (so failovers are followed).
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+    /// `redis+cluster://[user:password@]host:port[,host:port…]`: a Redis Cluster.
+    Cluster {
+        /// Client for commands.
+        client: ClusterClient,
+        /// Seed nodes, for the subscription.
+        nodes: Vec<String>,
+    },
+}
+
+impl RedisTarget {
+    /// Parses one of the URL forms above.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            let (user, password, rest) = split_userinfo(rest);
+            let (hosts, path) = rest
+                .split_once('/')
+                .ok_or("expected redis+sentinel://host:port[,…]/master_name[/db]")?;
+            let mut segments = path.split('/');
+            let master = segments
+                .next()
+                .filter(|m| !m.is_empty())
+                .ok_or("the Sentinel master name is missing")?;
+            let db = match segments.next().filter(|d| !d.is_empty()) {
+                Some(d) => d
+                    .parse::<i64>()
+                    .map_err(|_| format!("database {d:?} is not a number"))?,
+                None => 0,
+            };
+            let mut info = RedisConnectionInfo::default().set_db(db);
+            if let Some(u) = user {
+                info = info.set_username(u);
+            }
+            if let Some(p) = password {
+                info = info.set_password(p);
+            }
+            let sentinels: Vec<String> = hosts
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("redis://{h}"))
+                .collect();
+            if sentinels.is_empty() {
+                return Err("no Sentinel address".into());
+            }
+            let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(info);
+            let client = SentinelClient::build(
+                sentinels,
+                master.to_owned(),
+                Some(node),
+                SentinelServerType::Master,
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(Self::Sentinel(tokio::sync::Mutex::new(client)))
+        } else if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            let (user, password, hosts) = split_userinfo(rest);
+            let auth = match (user, password) {
+                (None, None) => String::new(),
+                (u, p) => format!("{}:{}@", u.unwrap_or_default(), p.unwrap_or_default()),
+            };
+            let nodes: Vec<String> = hosts
+                .trim_end_matches('/')
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("redis://{auth}{h}"))
+                .collect();
+            if nodes.is_empty() {
+                return Err("no cluster node address".into());
+            }
+            let client = ClusterClient::builder(nodes.clone())
+                .connection_timeout(OP_TIMEOUT)
+                .response_timeout(OP_TIMEOUT)
+                .build()
+                .map_err(|e| e.to_string())?;
+            Ok(Self::Cluster { client, nodes })
+        } else {
+            Client::open(url)
+                .map(Self::Single)
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    fn config() -> AsyncConnectionConfig {
+        AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(OP_TIMEOUT))
+            .set_response_timeout(Some(OP_TIMEOUT))
+    }
+
+    async fn connect(&self) -> redis::RedisResult<Conn> {
+        match self {
+            Self::Single(client) => Ok(Conn::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(&Self::config())
+                    .await?,
+            )),
+            Self::Sentinel(sentinel) => {
+                let client = sentinel.lock().await.async_get_client().await?;
+                Ok(Conn::Single(
+                    client
+                        .get_multiplexed_async_connection_with_config(&Self::config())
+                        .await?,
+                ))
+            }
+            Self::Cluster { client, .. } => Ok(Conn::Cluster(client.get_async_connection().await?)),
+        }
+    }
+
+    async fn pubsub(&self) -> redis::RedisResult<PubSub> {
+        match self {
+            Self::Single(client) => client.get_async_pubsub().await,
+            Self::Sentinel(sentinel) => {
+                let client = sentinel.lock().await.async_get_client().await?;
+                client.get_async_pubsub().await
+            }
+            Self::Cluster { nodes, .. } => {
+                let mut last = None;
+                for node in nodes {
+                    match Client::open(node.as_str()) {
+                        Ok(client) => match client.get_async_pubsub().await {
+                            Ok(pubsub) => return Ok(pubsub),
+                            Err(e) => last = Some(e),
+                        },
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.expect("at least one node"))
+            }
+        }
+    }
+}
+
+/// Splits `user:password@rest` (the userinfo ends at the last `@` before the first `/`).
+fn split_userinfo(s: &str) -> (Option<&str>, Option<&str>, &str) {
+    let authority_end = s.find('/').unwrap_or(s.len());
+    match s[..authority_end].rfind('@') {
+        Some(at) => {
+            let (userinfo, rest) = (&s[..at], &s[at + 1..]);
+            let (user, password) = match userinfo.split_once(':') {
+                Some((u, p)) => (
+                    Some(u).filter(|u| !u.is_empty()),
+                    Some(p).filter(|p| !p.is_empty()),
+                ),
+                None => (Some(userinfo).filter(|u| !u.is_empty()), None),
+            };
+            (user, password, rest)
+        }
+        None => (None, None, s),
+    }
+}
+
+/// A command connection: both kinds multiplex and are cheap to clone.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+/// Key names, all under one hash tag.
+struct Keys {
+    channel: String,
+    replicas: String,
+    prefix: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        let tag = format!("{{{prefix}}}");
+        Self {
+            channel: format!("{tag}:events"),
+            replicas: format!("{tag}:replicas"),
+            prefix: tag,
+        }
+    }
+    fn position(&self, agent: AgentId) -> String {
+        format!("{}:pos:{agent}", self.prefix)
+    }
+    fn connections(&self, replica: &str) -> String {
+        format!("{}:conns:{replica}", self.prefix)
+    }
+}
+
+/// What travels on the channel.
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    /// Publishing replica.
+    r: String,
+    /// Events: `[seq, project_id, path, world_readable, received_at]`.
+    #[serde(default)]
+    e: Vec<(i64, i64, String, bool, i64)>,
+}
+
+/// The Redis engine.
+pub struct RedisEngine {
+    target: RedisTarget,
+    conn: tokio::sync::Mutex<Option<Conn>>,
+    last_connect_failure: Mutex<Option<Instant>>,
+    keys: Keys,
+    replica: String,
+    position_ttl: Duration,
+    local_connections: Mutex<HashMap<String, ConnectionRecord>>,
+    subscribed: AtomicBool,
+    /// False after a failed operation until the next success: hot paths (stream open, position
+    /// load) skip Redis meanwhile instead of waiting on it; the heartbeat keeps probing.
+    healthy: AtomicBool,
+    rewrite_connections: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisEngine {
+    /// An engine for `target`; nothing is contacted until it is used.
+    pub fn new(
+        target: RedisTarget,
+        prefix: &str,
+        replica: &str,
+        replay_window: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            target,
+            conn: tokio::sync::Mutex::new(None),
+            last_connect_failure: Mutex::new(None),
+            keys: Keys::new(prefix),
+            replica: replica.to_owned(),
+            // Positions outlive the window they serve, then expire on their own.
+            position_ttl: (replay_window * 2).max(Duration::from_secs(3600)),
+            local_connections: Mutex::default(),
+            subscribed: AtomicBool::new(false),
+            healthy: AtomicBool::new(true),
+            rewrite_connections: AtomicBool::new(true),
+            metrics,
+        }
+    }
+
+    async fn connection(&self) -> Result<Conn, EngineError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(conn) = guard.as_ref() {
+            return Ok(conn.clone());
+        }
+        if let Some(at) = *self.last_connect_failure.lock().expect("lock")
+            && at.elapsed() < RECONNECT_PAUSE
+        {
+            return Err(EngineError::Unavailable("Redis is unreachable".into()));
+        }
+        match tokio::time::timeout(OP_TIMEOUT, self.target.connect()).await {
+            Ok(Ok(conn)) => {
+                *self.last_connect_failure.lock().expect("lock") = None;
+                *guard = Some(conn.clone());
+                Ok(conn)
+            }
+            Ok(Err(e)) => {
+                *self.last_connect_failure.lock().expect("lock") = Some(Instant::now());
+                Err(EngineError::Unavailable(format!(
+                    "cannot connect to Redis: {e}"
+                )))
+            }
+            Err(_) => {
+                *self.last_connect_failure.lock().expect("lock") = Some(Instant::now());
+                Err(EngineError::Unavailable(
+                    "connecting to Redis timed out".into(),
+                ))
+            }
+        }
+    }
+
+    /// Runs a pipeline; a failure drops the connection so the next call makes a new one.
+    async fn run<T: FromRedisValue + Send>(&self, pipe: &Pipeline) -> Result<T, EngineError> {
+        let conn = self.connection().await.inspect_err(|_| {
+            self.metrics.engine_errors.inc();
+        })?;
+        let result = tokio::time::timeout(OP_TIMEOUT, async move {
+            match conn {
+                Conn::Single(mut c) => pipe.query_async::<T>(&mut c).await,
+                Conn::Cluster(mut c) => pipe.query_async::<T>(&mut c).await,
+            }
+        })
+        .await;
+        let error = match result {
+            Ok(Ok(value)) => {
+                self.healthy.store(true, Ordering::Release);
+                return Ok(value);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "Redis did not answer in time".to_owned(),
+        };
+        self.metrics.engine_errors.inc();
+        self.healthy.store(false, Ordering::Release);
+        *self.conn.lock().await = None;
+        self.rewrite_connections.store(true, Ordering::Relaxed);
+        Err(EngineError::Unavailable(error))
+    }
+
+    fn on_message(&self, ctx: &EngineContext, payload: &[u8]) {
+        let envelope: Envelope = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a malformed message on the events channel");
+                return;
+            }
+        };
+        if envelope.r == self.replica {
+            return; // delivered locally when it was recorded
+        }
+        let notices: Vec<PushNotice> = envelope
+            .e
+            .into_iter()
+            .filter_map(|(seq, project_id, path, world_readable, received_at)| {
+                Some(PushNotice {
+                    seq,
+                    project_id,
+                    project_path: ProjectPath::parse(&path).ok()?,
+                    world_readable,
+                    received_at,
+                })
+            })
+            .collect();
+        ctx.metrics
+            .events_received_remote
+            .inc_by(notices.len() as u64);
+        ctx.local.deliver(&notices);
+    }
+
+    /// Delivers what was recorded since `since` (less an overlap) from the event log.
+    async fn catch_up(&self, ctx: &EngineContext, since: i64) {
+        let not_before = now_ms() - ctx.replay_window.as_millis() as i64;
+        let mut overlap_from = since - CATCH_UP_OVERLAP_MS;
+        let mut after = i64::MAX;
+        let mut total = 0usize;
+        loop {
+            let page = match ctx
+                .store
+                .pushes_since(after, overlap_from, not_before, &[], CATCH_UP_PAGE)
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot catch up from the event log");
+                    return;
+                }
+            };
+            total += page.len();
+            ctx.local.deliver(&page);
+            match page.last() {
+                Some(last) if page.len() as i64 == CATCH_UP_PAGE => {
+                    after = last.seq;
+                    overlap_from = i64::MAX;
+                }
+                _ => break,
+            }
+        }
+        tracing::info!(
+            events = total,
+            "caught up from the event log after a gap in the Redis subscription"
+        );
+    }
+
+    async fn subscribe_loop(self: Arc<Self>, ctx: EngineContext) {
+        let mut gap_since: Option<i64> = None;
+        let mut backoff = Duration::from_millis(100);
+        let mut warned = false;
+        while !ctx.shutdown.is_cancelled() {
+            let subscribed = async {
+                let pubsub = tokio::time::timeout(OP_TIMEOUT, self.target.pubsub())
+                    .await
+                    .map_err(|_| "timed out".to_owned())?;
+                let (mut sink, stream) = pubsub.map_err(|e| e.to_string())?.split();
+                tokio::time::timeout(OP_TIMEOUT, sink.subscribe(&self.keys.channel))
+                    .await
+                    .map_err(|_| "timed out".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((sink, stream))
+            }
+            .await;
+            let (mut sink, mut stream) = match subscribed {
+                Ok(pair) => pair,
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(error = %e, "cannot subscribe to Redis; local agents keep being served, retrying");
+                        warned = true;
+                    }
+                    self.metrics.engine_errors.inc();
+                    gap_since.get_or_insert_with(now_ms);
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            self.subscribed.store(true, Ordering::Release);
+            backoff = Duration::from_millis(100);
+            warned = false;
+            tracing::info!(channel = %self.keys.channel, "subscribed to the Redis events channel");
+            if let Some(since) = gap_since.take() {
+                self.catch_up(&ctx, since).await;
+            }
+            let mut ping = tokio::time::interval(SUBSCRIPTION_PING);
+            loop {
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return,
+                    message = stream.next() => match message {
+                        Some(m) => self.on_message(&ctx, m.get_payload_bytes()),
+                        None => break,
+                    },
+                    _ = ping.tick() => {
+                        let alive = tokio::time::timeout(OP_TIMEOUT, sink.ping::<redis::Value>()).await;
+                        if !matches!(alive, Ok(Ok(_))) {
+                            break;
+                        }
+                    }
+                }
+            }
+            self.subscribed.store(false, Ordering::Release);
+            gap_since = Some(now_ms());
+            self.metrics.engine_errors.inc();
+            tracing::warn!(
+                "lost the Redis subscription; will catch up from the event log once it is back"
+            );
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, ctx: EngineContext) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        let mut beats = 0u32;
+        loop {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            beats += 1;
+            let full = beats.is_multiple_of(FULL_REWRITE_EVERY)
+                || self.rewrite_connections.swap(false, Ordering::Relaxed);
+            if let Err(e) = self.heartbeat(full).await {
+                tracing::debug!(error = %e, "heartbeat failed");
+                self.rewrite_connections.store(true, Ordering::Relaxed);
+            }
+        }
+        // Leaving: forget this replica at once rather than after its TTL.
+        let key = self.keys.connections(&self.replica);
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL")
+            .arg(&key)
+            .ignore()
+            .cmd("ZREM")
+            .arg(&self.keys.replicas)
+            .arg(&self.replica)
+            .ignore();
+        let _ = self.run::<()>(&pipe).await;
+    }
+
+    async fn heartbeat(&self, full: bool) -> Result<(), EngineError> {
+        let now = now_ms();
+        let key = self.keys.connections(&self.replica);
+        let ttl = REPLICA_TTL.as_secs();
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(&self.keys.replicas)
+            .arg(now)
+            .arg(&self.replica)
+            .ignore();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&self.keys.replicas)
+            .arg("-inf")
+            .arg(now - 3 * REPLICA_TTL.as_millis() as i64)
+            .ignore();
+        if full {
+            let fields: Vec<(String, String)> = self
+                .local_connections
+                .lock()
+                .expect("connections lock")
+                .values()
+                .map(|r| {
+                    (
+                        r.id.clone(),
+                        serde_json::to_string(r).expect("serializable"),
+                    )
+                })
+                .collect();
+            if fields.is_empty() {
+                pipe.cmd("DEL").arg(&key).ignore();
+            } else {
+                // Written aside and renamed, so a reader never sees a half-written table.
+                let staging = format!("{key}:staging");
+                pipe.cmd("DEL").arg(&staging).ignore();
+                pipe.cmd("HSET").arg(&staging).arg(&fields).ignore();
+                pipe.cmd("RENAME").arg(&staging).arg(&key).ignore();
+                pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
+            }
+        } else {
+            pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
+        }
+        self.run::<()>(&pipe).await
+    }
+
+    /// Fails fast while Redis is known to be failing (see `healthy`).
+    fn available(&self) -> Result<(), EngineError> {
+        if self.healthy.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(EngineError::Unavailable("Redis is failing; skipped".into()))
+        }
+    }
+
+    fn publishable(&self, notices: &[PushNotice]) -> Vec<u8> {
+        let envelope = Envelope {
+            r: self.replica.clone(),
+            e: notices
+                .iter()
+                .map(|n| {
+                    (
+                        n.seq,
+                        n.project_id,
+                        n.project_path.to_string(),
+                        n.world_readable,
+                        n.received_at,
+                    )
+                })
+                .collect(),
+        };
+        serde_json::to_vec(&envelope).expect("serializable")
+    }
+}
+
+#[async_trait]
+impl Engine for RedisEngine {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn start(self: Arc<Self>, ctx: EngineContext) {
+        let heartbeat_ctx = EngineContext {
+            local: ctx.local.clone(),
+            store: ctx.store.clone(),
+            metrics: ctx.metrics.clone(),
+            replay_window: ctx.replay_window,
+            shutdown: ctx.shutdown.clone(),
+        };
+        tokio::spawn(self.clone().subscribe_loop(ctx));
+        tokio::spawn(self.heartbeat_loop(heartbeat_ctx));
+    }
+
+    async fn broadcast(&self, notices: &[PushNotice]) -> Result<(), EngineError> {
+        if notices.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("PUBLISH")
+            .arg(&self.keys.channel)
+            .arg(self.publishable(notices))
+            .ignore();
+        self.run::<()>(&pipe).await
+    }
+
+    async fn ping(&self) -> Result<(), EngineError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("PING");
+        let _: (String,) = self.run(&pipe).await?;
+        if !self.subscribed.load(Ordering::Acquire) {
+            return Err(EngineError::Unavailable(
+                "not subscribed to the events channel".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn save_position(
+        &self,
+        agent: AgentId,
+        position: DeliveryPosition,
+    ) -> Result<(), EngineError> {
+        self.available()?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.keys.position(agent))
+            .arg(format!("{}:{}", position.seq, position.at))
+            .arg("EX")
+            .arg(self.position_ttl.as_secs())
+            .ignore();
+        self.run::<()>(&pipe).await
+    }
+
+    async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, EngineError> {
+        self.available()?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(self.keys.position(agent));
+        let (value,): (Option<String>,) = self.run(&pipe).await?;
+        Ok(value.and_then(|v| {
+            let (seq, at) = v.split_once(':')?;
+            Some(DeliveryPosition {
+                seq: seq.parse().ok()?,
+                at: at.parse().ok()?,
+            })
+        }))
+    }
+
+    async fn connection_opened(&self, record: ConnectionRecord) {
+        let json = serde_json::to_string(&record).expect("serializable");
+        let id = record.id.clone();
+        self.local_connections
+            .lock()
+            .expect("connections lock")
+            .insert(id.clone(), record);
+        if self.available().is_err() {
+            self.rewrite_connections.store(true, Ordering::Relaxed);
+            return;
+        }
+        let key = self.keys.connections(&self.replica);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET").arg(&key).arg(&id).arg(json).ignore();
+        pipe.cmd("EXPIRE")
+            .arg(&key)
+            .arg(REPLICA_TTL.as_secs())
+            .ignore();
+        if self.run::<()>(&pipe).await.is_err() {
+            self.rewrite_connections.store(true, Ordering::Relaxed);
+        }
+    }
+
+    async fn connection_closed(&self, id: &str) {
+        self.local_connections
+            .lock()
+            .expect("connections lock")
+            .remove(id);
+        if self.available().is_err() {
+            self.rewrite_connections.store(true, Ordering::Relaxed);
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("HDEL")
+            .arg(self.keys.connections(&self.replica))
+            .arg(id)
+            .ignore();
+        if self.run::<()>(&pipe).await.is_err() {
+            self.rewrite_connections.store(true, Ordering::Relaxed);
+        }
+    }
+
+    async fn connections(&self) -> Result<Vec<ConnectionRecord>, EngineError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGEBYSCORE")
+            .arg(&self.keys.replicas)
+            .arg(now_ms() - REPLICA_TTL.as_millis() as i64)
+            .arg("+inf");
+        let (replicas,): (Vec<String>,) = self.run(&pipe).await?;
+        if replicas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for r in &replicas {
+            pipe.cmd("HVALS").arg(self.keys.connections(r));
+        }
+        let tables: Vec<Vec<String>> = self.run(&pipe).await?;
+        let mut all: Vec<ConnectionRecord> = tables
+            .into_iter()
+            .flatten()
+            .filter_map(|json| serde_json::from_str(&json).ok())
+            .collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_forms() {
+        assert!(matches!(
+            RedisTarget::parse("redis://127.0.0.1:6379/2").unwrap(),
+            RedisTarget::Single(_)
+        ));
+        assert!(matches!(
+            RedisTarget::parse("redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2:26379/mymaster/1")
+                .unwrap(),
+            RedisTarget::Sentinel(_)
+        ));
+        match RedisTarget::parse("redis+cluster://u:pw@a:7000,b:7001/").unwrap() {
+            RedisTarget::Cluster { nodes, .. } => {
+                assert_eq!(nodes, ["redis://u:pw@a:7000", "redis://u:pw@b:7001"])
+            }
+            _ => panic!("cluster"),
+        }
+        for bad in [
+            "redis+sentinel://h:1",
+            "redis+sentinel://h:1/",
+            "redis+sentinel://h:1/m/x",
+            "redis+cluster://",
+            "nonsense://x",
+        ] {
+            assert!(RedisTarget::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn userinfo() {
+        assert_eq!(
+            split_userinfo("u:p@h:1,h:2/m"),
+            (Some("u"), Some("p"), "h:1,h:2/m")
+        );
+        assert_eq!(split_userinfo(":p@h:1/m"), (None, Some("p"), "h:1/m"));
+        assert_eq!(split_userinfo("h:1/m@x"), (None, None, "h:1/m@x"));
+    }
+
+    #[test]
+    fn keys_share_one_hash_tag() {
+        let k = Keys::new("kas");
+        for key in [
+            k.channel.clone(),
+            k.replicas.clone(),
+            k.position(7),
+            k.connections("r1"),
+        ] {
+            assert!(key.starts_with("{kas}:"), "{key}");
+        }
+    }
+}
