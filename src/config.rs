@@ -232,16 +232,10 @@ impl Settings {
         let s = self.or(file);
         let store = resolve_store(s.database_url.clone(), s.data_dir.clone())?;
         let tls = match (&s.tls_cert_file, &s.tls_key_file) {
-            (Some(cert), Some(key)) => Some(TlsFiles {
-                cert: cert.into(),
-                key: key.into(),
-            }),
+            (Some(cert), Some(key)) => Some(TlsFiles { cert: cert.into(), key: key.into() }),
             (None, None) => None,
             (Some(_), None) => {
-                return Err(invalid(
-                    "tls_key_file",
-                    "required when a TLS certificate is set",
-                ));
+                return Err(invalid("tls_key_file", "required when a TLS certificate is set"));
             }
             (None, Some(_)) => {
                 return Err(invalid("tls_cert_file", "required when a TLS key is set"));
@@ -249,70 +243,29 @@ impl Settings {
         };
         let redis_prefix = s.redis_prefix.unwrap_or_else(|| "kas".into());
         if redis_prefix.is_empty() || redis_prefix.contains(['{', '}', ' ']) {
-            return Err(invalid(
-                "redis_prefix",
-                "must be non-empty, without braces or spaces",
-            ));
+            return Err(invalid("redis_prefix", "must be non-empty, without braces or spaces"));
         }
-        let gitlab_external_url = s
-            .gitlab_external_url
-            .map(|u| parse_url("gitlab_external_url", &u))
-            .transpose()?;
-        let gitlab_url = s
-            .gitlab_url
-            .map(|u| parse_url("gitlab_url", &u))
-            .transpose()?;
+        let gitlab_external_url = s.gitlab_external_url.map(|u| parse_url("gitlab_external_url", &u)).transpose()?;
+        let gitlab_url = s.gitlab_url.map(|u| parse_url("gitlab_url", &u)).transpose()?;
         Ok(Config {
             store,
-            http_addr: parse_addr(
-                "http_addr",
-                s.http_addr.as_deref().unwrap_or("127.0.0.1:8080"),
-            )?,
-            agent_addr: parse_addr(
-                "agent_addr",
-                s.agent_addr.as_deref().unwrap_or("127.0.0.1:8150"),
-            )?,
-            api_addr: parse_addr(
-                "api_addr",
-                s.api_addr.as_deref().unwrap_or("127.0.0.1:8153"),
-            )?,
+            http_addr: parse_addr("http_addr", s.http_addr.as_deref().unwrap_or("127.0.0.1:8080"))?,
+            agent_addr: parse_addr("agent_addr", s.agent_addr.as_deref().unwrap_or("127.0.0.1:8150"))?,
+            api_addr: parse_addr("api_addr", s.api_addr.as_deref().unwrap_or("127.0.0.1:8153"))?,
             redis_url: s.redis_url.filter(|u| !u.is_empty()).map(Secret::new),
             redis_prefix,
             webhook_secret_file: s.webhook_secret_file.map(PathBuf::from),
             gitlab_secret_file: s.gitlab_secret_file.map(PathBuf::from),
-            replay_window: parse_duration_setting(
-                "replay_window",
-                s.replay_window.as_deref(),
-                "15m",
-            )?,
-            event_retention: parse_duration_setting(
-                "event_retention",
-                s.event_retention.as_deref(),
-                "7d",
-            )?,
-            webhook_body_limit: parse_size(
-                "webhook_body_limit",
-                s.webhook_body_limit.as_deref().unwrap_or("1MiB"),
-            )?,
+            replay_window: parse_duration_setting("replay_window", s.replay_window.as_deref(), "15m")?,
+            event_retention: parse_duration_setting("event_retention", s.event_retention.as_deref(), "7d")?,
+            webhook_body_limit: parse_size("webhook_body_limit", s.webhook_body_limit.as_deref().unwrap_or("1MiB"))?,
             log_format: parse_log_format(s.log_format.as_deref())?,
             tls,
-            shutdown_grace: parse_duration_setting(
-                "shutdown_grace",
-                s.shutdown_grace.as_deref(),
-                "20s",
-            )?,
-            max_connection_age: parse_duration_setting(
-                "max_connection_age",
-                s.max_connection_age.as_deref(),
-                "30m",
-            )?,
+            shutdown_grace: parse_duration_setting("shutdown_grace", s.shutdown_grace.as_deref(), "20s")?,
+            max_connection_age: parse_duration_setting("max_connection_age", s.max_connection_age.as_deref(), "30m")?,
             gitlab_external_url,
             replica_name: s.replica_name.unwrap_or_else(default_replica_name),
-            token_recheck: parse_duration_setting(
-                "token_recheck",
-                s.token_recheck.as_deref(),
-                "5s",
-            )?,
+            token_recheck: parse_duration_setting("token_recheck", s.token_recheck.as_deref(), "5s")?,
             gitlab_url,
             gitlab_api_token_file: s.gitlab_api_token_file.map(PathBuf::from),
         })
@@ -326,10 +279,7 @@ impl StoreSettings {
             Some(path) => read_file(path)?,
             None => Settings::default(),
         };
-        resolve_store(
-            self.database_url.or(file.database_url),
-            self.data_dir.or(file.data_dir),
-        )
+        resolve_store(self.database_url.or(file.database_url), self.data_dir.or(file.data_dir))
     }
 }
 
@@ -338,54 +288,34 @@ pub fn parse_log_format(raw: Option<&str>) -> Result<LogFormat, ConfigError> {
     match raw.unwrap_or("text") {
         "text" => Ok(LogFormat::Text),
         "json" => Ok(LogFormat::Json),
-        other => Err(invalid(
-            "log_format",
-            format!("{other:?} is not text or json"),
-        )),
+        other => Err(invalid("log_format", format!("{other:?} is not text or json"))),
     }
 }
 
-fn resolve_store(
-    database_url: Option<String>,
-    data_dir: Option<String>,
-) -> Result<StoreConfig, ConfigError> {
+fn resolve_store(database_url: Option<String>, data_dir: Option<String>) -> Result<StoreConfig, ConfigError> {
     let data_dir = PathBuf::from(data_dir.unwrap_or_else(|| "./kas-data".into()));
     let database_url = match database_url {
         Some(url)
-            if url.starts_with("sqlite:")
-                || url.starts_with("postgres://")
-                || url.starts_with("postgresql://") =>
+            if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://") =>
         {
             url
         }
         Some(_) => {
-            return Err(invalid(
-                "database_url",
-                "must start with sqlite: or postgres://",
-            ));
+            return Err(invalid("database_url", "must start with sqlite: or postgres://"));
         }
         None => format!("sqlite://{}", data_dir.join("kas.db").display()),
     };
-    Ok(StoreConfig {
-        database_url: Secret::new(database_url),
-        data_dir,
-    })
+    Ok(StoreConfig { database_url: Secret::new(database_url), data_dir })
 }
 
 fn read_file(path: &Path) -> Result<Settings, ConfigError> {
-    let file_err = |reason: String| ConfigError::File {
-        path: path.to_owned(),
-        reason,
-    };
+    let file_err = |reason: String| ConfigError::File { path: path.to_owned(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
     toml::from_str(&text).map_err(|e| file_err(e.message().to_owned()))
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        setting: setting_name(field),
-        reason: reason.into(),
-    }
+    ConfigError::Invalid { setting: setting_name(field), reason: reason.into() }
 }
 
 fn parse_addr(field: &str, raw: &str) -> Result<SocketAddr, ConfigError> {
@@ -398,25 +328,15 @@ fn parse_addr(field: &str, raw: &str) -> Result<SocketAddr, ConfigError> {
 fn parse_url(field: &str, raw: &str) -> Result<String, ConfigError> {
     let trimmed = raw.trim_end_matches('/');
     let ok = (trimmed.starts_with("http://") || trimmed.starts_with("https://"))
-        && trimmed
-            .split("://")
-            .nth(1)
-            .is_some_and(|rest| !rest.is_empty());
+        && trimmed.split("://").nth(1).is_some_and(|rest| !rest.is_empty());
     if ok && trimmed.parse::<http::Uri>().is_ok() {
         Ok(trimmed.to_owned())
     } else {
-        Err(invalid(
-            field,
-            format!("{raw:?} is not an http:// or https:// URL"),
-        ))
+        Err(invalid(field, format!("{raw:?} is not an http:// or https:// URL")))
     }
 }
 
-fn parse_duration_setting(
-    field: &str,
-    raw: Option<&str>,
-    default: &str,
-) -> Result<Duration, ConfigError> {
+fn parse_duration_setting(field: &str, raw: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
     let raw = raw.unwrap_or(default);
     let d = parse_duration(raw).map_err(|reason| invalid(field, format!("{raw:?}: {reason}")))?;
     if d.is_zero() {
@@ -430,9 +350,7 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
     let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
     let (number, unit) = raw.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| "expected a number followed by ms, s, m, h or d".to_owned())?;
+    let n: u64 = number.parse().map_err(|_| "expected a number followed by ms, s, m, h or d".to_owned())?;
     let ms_per_unit: u64 = match unit.trim() {
         "ms" => 1,
         "" | "s" => 1_000,
@@ -441,35 +359,25 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         "d" => 86_400_000,
         other => return Err(format!("unknown unit {other:?}; use ms, s, m, h or d")),
     };
-    n.checked_mul(ms_per_unit)
-        .map(Duration::from_millis)
-        .ok_or_else(|| "too large".to_owned())
+    n.checked_mul(ms_per_unit).map(Duration::from_millis).ok_or_else(|| "too large".to_owned())
 }
 
 fn parse_size(field: &str, raw: &str) -> Result<usize, ConfigError> {
     let t = raw.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let n: usize = number
-        .parse()
-        .map_err(|_| invalid(field, format!("{raw:?} is not a size")))?;
+    let n: usize = number.parse().map_err(|_| invalid(field, format!("{raw:?} is not a size")))?;
     let mult = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1024,
         "MiB" => 1024 * 1024,
         other => {
-            return Err(invalid(
-                field,
-                format!("unknown unit {other:?}; use B, KiB or MiB"),
-            ));
+            return Err(invalid(field, format!("unknown unit {other:?}; use B, KiB or MiB")));
         }
     };
     match n.checked_mul(mult) {
         Some(v) if v >= 1024 => Ok(v),
-        _ => Err(invalid(
-            field,
-            format!("{raw:?} must be between 1KiB and the address space"),
-        )),
+        _ => Err(invalid(field, format!("{raw:?} must be between 1KiB and the address space"))),
     }
 }
 
@@ -506,10 +414,7 @@ mod tests {
     use super::*;
 
     fn settings(pairs: &[(&str, &str)]) -> Settings {
-        let text: String = pairs
-            .iter()
-            .map(|(k, v)| format!("{k} = {v:?}\n"))
-            .collect();
+        let text: String = pairs.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
         toml::from_str(&text).unwrap()
     }
 
@@ -531,16 +436,9 @@ mod tests {
     fn flags_win_over_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kas.toml");
-        std::fs::write(
-            &path,
-            "http_addr = \"127.0.0.1:9000\"\nreplay_window = \"1h\"\nwebhook_body_limit = 2048\n",
-        )
-        .unwrap();
-        let flags = Settings {
-            config: Some(path),
-            http_addr: Some("127.0.0.1:9001".into()),
-            ..Default::default()
-        };
+        std::fs::write(&path, "http_addr = \"127.0.0.1:9000\"\nreplay_window = \"1h\"\nwebhook_body_limit = 2048\n")
+            .unwrap();
+        let flags = Settings { config: Some(path), http_addr: Some("127.0.0.1:9001".into()), ..Default::default() };
         let c = flags.resolve().unwrap();
         assert_eq!(c.http_addr.port(), 9001);
         assert_eq!(c.replay_window, Duration::from_secs(3600));
@@ -551,21 +449,13 @@ mod tests {
     fn bad_values_name_the_setting() {
         for (key, value, needle) in [
             ("http_addr", "nowhere", "--http-addr (KAS_HTTP_ADDR)"),
-            (
-                "replay_window",
-                "15 parsecs",
-                "--replay-window (KAS_REPLAY_WINDOW)",
-            ),
+            ("replay_window", "15 parsecs", "--replay-window (KAS_REPLAY_WINDOW)"),
             ("replay_window", "0s", "KAS_REPLAY_WINDOW"),
             ("webhook_body_limit", "1TB", "KAS_WEBHOOK_BODY_LIMIT"),
             ("log_format", "xml", "KAS_LOG_FORMAT"),
             ("database_url", "mysql://x", "KAS_DATABASE_URL"),
             ("tls_cert_file", "a.pem", "KAS_TLS_KEY_FILE"),
-            (
-                "gitlab_external_url",
-                "gitlab.example.com",
-                "KAS_GITLAB_EXTERNAL_URL",
-            ),
+            ("gitlab_external_url", "gitlab.example.com", "KAS_GITLAB_EXTERNAL_URL"),
         ] {
             let err = settings(&[(key, value)]).resolve().unwrap_err().to_string();
             assert!(err.contains(needle), "{key}={value}: {err}");
@@ -581,10 +471,7 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(
-            parse_duration("7d").unwrap(),
-            Duration::from_secs(7 * 86400)
-        );
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
         assert!(parse_duration("m").is_err());
         assert!(parse_duration("5w").is_err());
     }

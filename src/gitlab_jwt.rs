@@ -52,11 +52,7 @@ impl GitLabJwt {
         validation.set_required_spec_claims(&["exp", "aud"]);
         validation.validate_nbf = true;
         validation.leeway = LEEWAY_SECS;
-        Self {
-            decoding: DecodingKey::from_secret(secret),
-            encoding: EncodingKey::from_secret(secret),
-            validation,
-        }
+        Self { decoding: DecodingKey::from_secret(secret), encoding: EncodingKey::from_secret(secret), validation }
     }
 
     /// Checks a token GitLab sent to kas.
@@ -99,13 +95,7 @@ impl GitLabJwt {
 mod tests {
     use super::*;
 
-    fn token(
-        secret: &[u8],
-        alg: Algorithm,
-        aud: &str,
-        exp_offset: i64,
-        nbf_offset: Option<i64>,
-    ) -> String {
+    fn token(secret: &[u8], alg: Algorithm, aud: &str, exp_offset: i64, nbf_offset: Option<i64>) -> String {
         let now = jsonwebtoken::get_current_timestamp() as i64;
         let claims = Claims {
             iss: Some("gitlab.example.com".into()),
@@ -114,45 +104,26 @@ mod tests {
             nbf: nbf_offset.map(|o| (now + o) as u64),
             iat: Some(now as u64),
         };
-        jsonwebtoken::encode(
-            &Header::new(alg),
-            &claims,
-            &EncodingKey::from_secret(secret),
-        )
-        .unwrap()
+        jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret)).unwrap()
     }
 
     #[test]
     fn accepts_what_gitlab_sends() {
         let jwt = GitLabJwt::new(&[1; 32]);
         for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
-            jwt.verify_from_gitlab(&token(&[1; 32], alg, KAS_AUDIENCE, 60, Some(-5)))
-                .unwrap();
+            jwt.verify_from_gitlab(&token(&[1; 32], alg, KAS_AUDIENCE, 60, Some(-5))).unwrap();
         }
-        jwt.verify_from_gitlab(&jwt.sign_as_gitlab("gitlab.example.com"))
-            .unwrap();
+        jwt.verify_from_gitlab(&jwt.sign_as_gitlab("gitlab.example.com")).unwrap();
     }
 
     #[test]
     fn refuses_bad_tokens() {
         let jwt = GitLabJwt::new(&[1; 32]);
         for (what, t) in [
-            (
-                "expired",
-                token(&[1; 32], Algorithm::HS256, KAS_AUDIENCE, -60, None),
-            ),
-            (
-                "wrong audience",
-                token(&[1; 32], Algorithm::HS256, "gitlab", 60, None),
-            ),
-            (
-                "wrong key",
-                token(&[2; 32], Algorithm::HS256, KAS_AUDIENCE, 60, None),
-            ),
-            (
-                "not yet valid",
-                token(&[1; 32], Algorithm::HS256, KAS_AUDIENCE, 600, Some(300)),
-            ),
+            ("expired", token(&[1; 32], Algorithm::HS256, KAS_AUDIENCE, -60, None)),
+            ("wrong audience", token(&[1; 32], Algorithm::HS256, "gitlab", 60, None)),
+            ("wrong key", token(&[2; 32], Algorithm::HS256, KAS_AUDIENCE, 60, None)),
+            ("not yet valid", token(&[1; 32], Algorithm::HS256, KAS_AUDIENCE, 600, Some(300))),
             ("garbage", "a.b.c".into()),
             ("kas's own token for GitLab", jwt.sign_for_gitlab()),
         ] {

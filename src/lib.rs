@@ -8,6 +8,7 @@
 //! command line.
 #![forbid(unsafe_code)]
 
+pub mod agentcfg;
 pub mod app;
 pub mod cli;
 pub mod config;

@@ -53,21 +53,15 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
     if certs.is_empty() {
-        return Err(format!(
-            "TLS certificate {}: no certificate found",
-            cert.display()
-        ));
+        return Err(format!("TLS certificate {}: no certificate found", cert.display()));
     }
-    let key =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("TLS key {}: {e}", key.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| format!("TLS certificate and key do not match: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("TLS key {}: {e}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("TLS certificate and key do not match: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -82,10 +76,7 @@ pub fn spawn<M, S, B>(
     tracker: TaskTracker,
 ) where
     M: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
-    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -98,10 +89,7 @@ pub fn spawn<M, S, B>(
         .keep_alive_interval(Duration::from_secs(60))
         .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(1000);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
     let make_service = Arc::new(make_service);
     let inner_tracker = tracker.clone();
     tracker.spawn(async move {
@@ -120,10 +108,7 @@ pub fn spawn<M, S, B>(
             };
             let _ = stream.set_nodelay(true);
             let closing = shutdown.child_token();
-            let info = ConnectionInfo {
-                remote,
-                closing: closing.clone(),
-            };
+            let info = ConnectionInfo { remote, closing: closing.clone() };
             let service = make_service(info.clone());
             let builder = builder.clone();
             let settings = settings.clone();
@@ -142,10 +127,7 @@ async fn serve_connection<S, B>(
     builder: auto::Builder<TokioExecutor>,
     service: S,
 ) where
-    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -158,9 +140,7 @@ async fn serve_connection<S, B>(
     let service = TowerToHyperService::new(service);
     match &settings.tls {
         Some(acceptor) => {
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                .await
-            {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(listener = settings.name, remote = %info.remote, error = %e, "TLS handshake failed");
@@ -171,21 +151,9 @@ async fn serve_connection<S, B>(
                     return;
                 }
             };
-            drive(
-                builder.serve_connection_with_upgrades(TokioIo::new(tls), service),
-                &info,
-                &settings,
-            )
-            .await
+            drive(builder.serve_connection_with_upgrades(TokioIo::new(tls), service), &info, &settings).await
         }
-        None => {
-            drive(
-                builder.serve_connection_with_upgrades(TokioIo::new(stream), service),
-                &info,
-                &settings,
-            )
-            .await
-        }
+        None => drive(builder.serve_connection_with_upgrades(TokioIo::new(stream), service), &info, &settings).await,
     }
 }
 
@@ -251,10 +219,7 @@ mod tests {
         let age = Duration::from_secs(1800);
         for _ in 0..1000 {
             let j = jitter(age);
-            assert!(
-                j >= Duration::from_secs(1620) && j <= Duration::from_secs(1980),
-                "{j:?}"
-            );
+            assert!(j >= Duration::from_secs(1620) && j <= Duration::from_secs(1980), "{j:?}");
         }
     }
 }

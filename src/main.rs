@@ -23,9 +23,7 @@ fn main() -> ExitCode {
             Command::Serve(settings) => serve(*settings).await,
             command => {
                 kas::telemetry::init(kas::config::LogFormat::Text, "warn");
-                kas::cli::run(command, &mut std::io::stdout().lock())
-                    .await
-                    .map_err(|e| e.to_string())
+                kas::cli::run(command, &mut std::io::stdout().lock()).await.map_err(|e| e.to_string())
             }
         }
     });
@@ -44,12 +42,8 @@ async fn serve(settings: Settings) -> Result<(), String> {
         "info",
     );
     let config = settings.resolve().map_err(|e| e.to_string())?;
-    let listeners = kas::Listeners::bind(&config)
-        .await
-        .map_err(|e| e.to_string())?;
-    kas::serve(config, listeners, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    let listeners = kas::Listeners::bind(&config).await.map_err(|e| e.to_string())?;
+    kas::serve(config, listeners, shutdown_signal()).await.map_err(|e| e.to_string())
 }
 
 /// Completes on SIGTERM or SIGINT.
@@ -57,11 +51,10 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return ctrl_c.await.unwrap_or(()),
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

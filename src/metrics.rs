@@ -92,51 +92,27 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("webhooks", "Webhook requests by result", m.webhooks.clone());
-        registry.register(
-            "git_push_events",
-            "GitPushEvent calls by result",
-            m.git_push_events.clone(),
-        );
-        registry.register(
-            "intake_seconds",
-            "Time from receiving a push to acknowledging it",
-            m.intake_seconds.clone(),
-        );
-        registry.register(
-            "events_recorded",
-            "Pushes written to the event log",
-            m.events_recorded.clone(),
-        );
+        registry.register("git_push_events", "GitPushEvent calls by result", m.git_push_events.clone());
+        registry.register("intake_seconds", "Time from receiving a push to acknowledging it", m.intake_seconds.clone());
+        registry.register("events_recorded", "Pushes written to the event log", m.events_recorded.clone());
         registry.register(
             "events_duplicate",
             "Redelivered pushes acknowledged without a second record",
             m.events_duplicate.clone(),
         );
-        registry.register(
-            "events_published",
-            "Events handed to the engine",
-            m.events_published.clone(),
-        );
+        registry.register("events_published", "Events handed to the engine", m.events_published.clone());
         registry.register(
             "publish_failures",
             "Failed publication attempts, retried by the outbox",
             m.publish_failures.clone(),
         );
-        registry.register(
-            "events_pruned",
-            "Events removed by retention",
-            m.events_pruned.clone(),
-        );
+        registry.register("events_pruned", "Events removed by retention", m.events_pruned.clone());
         registry.register(
             "events_received_remote",
             "Events received from other replicas",
             m.events_received_remote.clone(),
         );
-        registry.register(
-            "notifications_sent",
-            "Notifications sent to agents",
-            m.notifications_sent.clone(),
-        );
+        registry.register("notifications_sent", "Notifications sent to agents", m.notifications_sent.clone());
         registry.register(
             "notifications_coalesced",
             "Pushes folded into an already pending notification",
@@ -152,26 +128,10 @@ impl Metrics {
             "Time from receiving a push to sending it to an agent",
             m.intake_to_send_seconds.clone(),
         );
-        registry.register(
-            "streams_open",
-            "Open agent streams by RPC",
-            m.streams_open.clone(),
-        );
-        registry.register(
-            "connected_agents",
-            "Agents with an open stream on this replica",
-            m.connected_agents.clone(),
-        );
-        registry.register(
-            "auth_failures",
-            "Rejected credentials by listener",
-            m.auth_failures.clone(),
-        );
-        registry.register(
-            "engine_errors",
-            "Engine (Redis) operation failures",
-            m.engine_errors.clone(),
-        );
+        registry.register("streams_open", "Open agent streams by RPC", m.streams_open.clone());
+        registry.register("connected_agents", "Agents with an open stream on this replica", m.connected_agents.clone());
+        registry.register("auth_failures", "Rejected credentials by listener", m.auth_failures.clone());
+        registry.register("engine_errors", "Engine (Redis) operation failures", m.engine_errors.clone());
         Metrics { registry, ..m }
     }
 
@@ -182,30 +142,23 @@ impl Metrics {
 
     /// Counts a GitPushEvent outcome.
     pub fn git_push_event(&self, result: &'static str) {
-        self.git_push_events
-            .get_or_create(&ResultLabel { result })
-            .inc();
+        self.git_push_events.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// Counts a rejected credential on a listener.
     pub fn auth_failure(&self, listener: &'static str) {
-        self.auth_failures
-            .get_or_create(&NameLabel { name: listener })
-            .inc();
+        self.auth_failures.get_or_create(&NameLabel { name: listener }).inc();
     }
 
     /// The open-stream gauge of one RPC.
     pub fn streams(&self, rpc: &'static str) -> Gauge {
-        self.streams_open
-            .get_or_create(&NameLabel { name: rpc })
-            .clone()
+        self.streams_open.get_or_create(&NameLabel { name: rpc }).clone()
     }
 
     /// Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }

@@ -59,31 +59,19 @@ impl Secrets {
             }
         };
         let webhook = read_webhook_secrets(&webhook_path)?;
-        let gitlab_jwt_key = config
-            .gitlab_secret_file
-            .as_deref()
-            .map(read_gitlab_secret)
-            .transpose()?;
-        Ok(Self {
-            webhook,
-            gitlab_jwt_key,
-        })
+        let gitlab_jwt_key = config.gitlab_secret_file.as_deref().map(read_gitlab_secret).transpose()?;
+        Ok(Self { webhook, gitlab_jwt_key })
     }
 
     /// Whether `presented` equals one of the webhook secrets, in constant time per secret.
     pub fn webhook_token_matches(&self, presented: &[u8]) -> bool {
         // Every secret is compared, so timing does not reveal which one matched.
-        self.webhook.iter().fold(0u8, |hit, s| {
-            hit | s.expose().as_slice().ct_eq(presented).unwrap_u8()
-        }) == 1
+        self.webhook.iter().fold(0u8, |hit, s| hit | s.expose().as_slice().ct_eq(presented).unwrap_u8()) == 1
     }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SecretError + '_ {
-    move |source| SecretError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| SecretError::Io { path: path.to_owned(), source }
 }
 
 fn generate_webhook_secret(path: &Path) -> Result<(), SecretError> {
@@ -91,10 +79,7 @@ fn generate_webhook_secret(path: &Path) -> Result<(), SecretError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
     let mut raw = [0u8; 32];
-    getrandom::fill(&mut raw).map_err(|e| SecretError::Invalid {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?;
+    getrandom::fill(&mut raw).map_err(|e| SecretError::Invalid { path: path.to_owned(), reason: e.to_string() })?;
     let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -107,17 +92,10 @@ fn generate_webhook_secret(path: &Path) -> Result<(), SecretError> {
 /// One secret per non-empty line; surrounding whitespace is not part of a secret.
 fn read_webhook_secrets(path: &Path) -> Result<Vec<Secret<Vec<u8>>>, SecretError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    let secrets: Vec<_> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(|l| Secret::new(l.as_bytes().to_vec()))
-        .collect();
+    let secrets: Vec<_> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| Secret::new(l.as_bytes().to_vec())).collect();
     if secrets.is_empty() {
-        return Err(SecretError::Invalid {
-            path: path.to_owned(),
-            reason: "holds no secret".into(),
-        });
+        return Err(SecretError::Invalid { path: path.to_owned(), reason: "holds no secret".into() });
     }
     Ok(secrets)
 }
@@ -127,10 +105,7 @@ pub fn read_gitlab_secret(path: &Path) -> Result<Secret<Vec<u8>>, SecretError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(text.trim())
-        .map_err(|e| SecretError::Invalid {
-            path: path.to_owned(),
-            reason: format!("not base64: {e}"),
-        })?;
+        .map_err(|e| SecretError::Invalid { path: path.to_owned(), reason: format!("not base64: {e}") })?;
     if decoded.len() != GITLAB_SECRET_LEN {
         return Err(SecretError::Invalid {
             path: path.to_owned(),
@@ -152,10 +127,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
         std::fs::write(&path, "old-secret\n\n  new-secret  \n").unwrap();
-        let s = Secrets {
-            webhook: read_webhook_secrets(&path).unwrap(),
-            gitlab_jwt_key: None,
-        };
+        let s = Secrets { webhook: read_webhook_secrets(&path).unwrap(), gitlab_jwt_key: None };
         assert!(s.webhook_token_matches(b"old-secret"));
         assert!(s.webhook_token_matches(b"new-secret"));
         assert!(!s.webhook_token_matches(b"new-secre"));
@@ -167,17 +139,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/webhook-secret");
         generate_webhook_secret(&path).unwrap();
-        assert!(
-            generate_webhook_secret(&path).is_err(),
-            "must never overwrite a secret"
-        );
+        assert!(generate_webhook_secret(&path).is_err(), "must never overwrite a secret");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(
-                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-                0o600
-            );
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         }
         assert_eq!(read_webhook_secrets(&path).unwrap().len(), 1);
     }
@@ -186,23 +152,10 @@ mod tests {
     fn gitlab_secret_must_be_32_bytes_of_base64() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g");
-        std::fs::write(
-            &path,
-            base64::engine::general_purpose::STANDARD.encode([7u8; 32]),
-        )
-        .unwrap();
+        std::fs::write(&path, base64::engine::general_purpose::STANDARD.encode([7u8; 32])).unwrap();
         assert_eq!(read_gitlab_secret(&path).unwrap().expose().len(), 32);
-        std::fs::write(
-            &path,
-            base64::engine::general_purpose::STANDARD.encode([7u8; 31]),
-        )
-        .unwrap();
-        assert!(
-            read_gitlab_secret(&path)
-                .unwrap_err()
-                .to_string()
-                .contains("exactly 32")
-        );
+        std::fs::write(&path, base64::engine::general_purpose::STANDARD.encode([7u8; 31])).unwrap();
+        assert!(read_gitlab_secret(&path).unwrap_err().to_string().contains("exactly 32"));
         std::fs::write(&path, "not base64!").unwrap();
         assert!(read_gitlab_secret(&path).is_err());
     }

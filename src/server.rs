@@ -34,11 +34,7 @@ impl Listeners {
     /// Binds the configured addresses.
     pub async fn bind(config: &Config) -> Result<Self, ServeError> {
         let bind = |name: &'static str, addr| async move {
-            TcpListener::bind(addr).await.map_err(|e| ServeError::Bind {
-                name,
-                addr,
-                source: e,
-            })
+            TcpListener::bind(addr).await.map_err(|e| ServeError::Bind { name, addr, source: e })
         };
         Ok(Self {
             http: bind("HTTP", config.http_addr).await?,
@@ -83,26 +79,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let tls = match &config.tls {
-        Some(files) => {
-            Some(listener::tls_acceptor(&files.cert, &files.key).map_err(ServeError::Tls)?)
-        }
+        Some(files) => Some(listener::tls_acceptor(&files.cert, &files.key).map_err(ServeError::Tls)?),
         None => None,
     };
     let store = store::open(&config.store).await?;
     store.migrate().await?;
     let secrets = Secrets::load(&config)?;
     if secrets.gitlab_jwt_key.is_none() {
-        tracing::warn!(
-            "KAS_GITLAB_SECRET_FILE is not set: the GitLab-facing listener rejects every call"
-        );
+        tracing::warn!("KAS_GITLAB_SECRET_FILE is not set: the GitLab-facing listener rejects every call");
     }
     let token = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let engine: Arc<dyn Engine> = match &config.redis_url {
         Some(url) => {
-            let target = RedisTarget::parse(url.expose()).map_err(|e| {
-                ServeError::Redis(format!("invalid --redis-url (KAS_REDIS_URL): {e}"))
-            })?;
+            let target = RedisTarget::parse(url.expose())
+                .map_err(|e| ServeError::Redis(format!("invalid --redis-url (KAS_REDIS_URL): {e}")))?;
             Arc::new(RedisEngine::new(
                 target,
                 &config.redis_prefix,
@@ -114,13 +105,7 @@ pub async fn serve(
         None => Arc::new(MemoryEngine::default()),
     };
     let directory: Arc<dyn AgentDirectory> = Arc::new(RegistryDirectory::new(store.clone()));
-    let hub = Hub::new(
-        directory.clone(),
-        store.clone(),
-        engine.clone(),
-        metrics.clone(),
-        hub_config(&config),
-    );
+    let hub = Hub::new(directory.clone(), store.clone(), engine.clone(), metrics.clone(), hub_config(&config));
     hub.start(token.clone()).await;
     let local: Arc<dyn LocalDelivery> = hub.clone();
     engine.clone().start(EngineContext {
@@ -130,23 +115,11 @@ pub async fn serve(
         replay_window: config.replay_window,
         shutdown: token.clone(),
     });
-    let (outbox, outbox_tasks) = Outbox::start(
-        store.clone(),
-        engine.clone(),
-        local,
-        metrics.clone(),
-        config.event_retention,
-    );
-    let writers = if config.store.database_url.expose().starts_with("sqlite:") {
-        1
-    } else {
-        4
-    };
+    let (outbox, outbox_tasks) =
+        Outbox::start(store.clone(), engine.clone(), local, metrics.clone(), config.event_retention);
+    let writers = if config.store.database_url.expose().starts_with("sqlite:") { 1 } else { 4 };
     let intake = Intake::start(store.clone(), outbox.clone(), metrics.clone(), writers);
-    let gitlab_jwt = secrets
-        .gitlab_jwt_key
-        .as_ref()
-        .map(|k| GitLabJwt::new(k.expose()));
+    let gitlab_jwt = secrets.gitlab_jwt_key.as_ref().map(|k| GitLabJwt::new(k.expose()));
     let app = Arc::new(App {
         store,
         metrics,
@@ -162,20 +135,12 @@ pub async fn serve(
     });
     let connections = TaskTracker::new();
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let addrs = (
-        addr(&listeners.http),
-        addr(&listeners.agent),
-        addr(&listeners.api),
-    );
+    let addrs = (addr(&listeners.http), addr(&listeners.agent), addr(&listeners.api));
 
     let http_router = crate::http::router(app.clone());
     listener::spawn(
         listeners.http,
-        ListenerSettings {
-            name: "http",
-            tls: tls.clone(),
-            max_age: None,
-        },
+        ListenerSettings { name: "http", tls: tls.clone(), max_age: None },
         move |_| http_router.clone(),
         token.clone(),
         connections.clone(),
@@ -183,11 +148,7 @@ pub async fn serve(
     let agent_routes = crate::grpc::agent_routes(app.clone());
     listener::spawn(
         listeners.agent,
-        ListenerSettings {
-            name: "agent",
-            tls: tls.clone(),
-            max_age: Some(app.config.max_connection_age),
-        },
+        ListenerSettings { name: "agent", tls: tls.clone(), max_age: Some(app.config.max_connection_age) },
         move |_| agent_routes.clone(),
         token.clone(),
         connections.clone(),
@@ -195,11 +156,7 @@ pub async fn serve(
     let api_routes = crate::grpc::api_routes(app.clone());
     listener::spawn(
         listeners.api,
-        ListenerSettings {
-            name: "api",
-            tls,
-            max_age: None,
-        },
+        ListenerSettings { name: "api", tls, max_age: None },
         move |_| api_routes.clone(),
         token.clone(),
         connections.clone(),
@@ -224,10 +181,7 @@ pub async fn serve(
         app.intake.close().await;
         outbox_tasks.shutdown(outbox).await;
     };
-    if tokio::time::timeout(app.config.shutdown_grace, drain)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(app.config.shutdown_grace, drain).await.is_err() {
         tracing::warn!("grace period over; closing the remaining connections");
     }
     app.store.close().await;

@@ -12,11 +12,7 @@ pub struct AgentsArgs {
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub addr: String,
     /// The webhook secret file (the route is guarded by it)
-    #[arg(
-        long,
-        env = "KAS_WEBHOOK_SECRET_FILE",
-        default_value = "./kas-data/webhook-secret"
-    )]
+    #[arg(long, env = "KAS_WEBHOOK_SECRET_FILE", default_value = "./kas-data/webhook-secret")]
     pub secret_file: PathBuf,
     /// Print JSON instead of a table
     #[arg(long)]
@@ -30,15 +26,9 @@ struct Answer {
 
 /// Runs `kas agents`.
 pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), CliError> {
-    let secret = std::fs::read_to_string(&args.secret_file).map_err(|e| {
-        CliError::Other(format!("--secret-file {}: {e}", args.secret_file.display()))
-    })?;
-    let secret = secret
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or_default()
-        .to_owned();
+    let secret = std::fs::read_to_string(&args.secret_file)
+        .map_err(|e| CliError::Other(format!("--secret-file {}: {e}", args.secret_file.display())))?;
+    let secret = secret.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default().to_owned();
     let url = format!("{}/agents", args.addr.trim_end_matches('/'));
     let response = reqwest::Client::new()
         .get(&url)
@@ -52,20 +42,13 @@ pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), 
         let body = response.text().await.unwrap_or_default();
         return Err(CliError::Other(format!("{url}: {status}: {}", body.trim())));
     }
-    let answer: Answer = response
-        .json()
-        .await
-        .map_err(|e| CliError::Other(format!("{url}: {e}")))?;
+    let answer: Answer = response.json().await.map_err(|e| CliError::Other(format!("{url}: {e}")))?;
     if args.json {
         let text = serde_json::to_string_pretty(&answer.connections).expect("serializable");
         return writeln!(out, "{text}").map_err(io);
     }
-    writeln!(
-        out,
-        "{:<8} {:<24} {:<20} {:<20} {:<9} CONNECTED",
-        "AGENT", "NAME", "RPC", "REPLICA", "PROJECTS"
-    )
-    .map_err(io)?;
+    writeln!(out, "{:<8} {:<24} {:<20} {:<20} {:<9} CONNECTED", "AGENT", "NAME", "RPC", "REPLICA", "PROJECTS")
+        .map_err(io)?;
     for c in answer.connections {
         writeln!(
             out,

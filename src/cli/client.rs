@@ -31,15 +31,11 @@ impl ConnectArgs {
         if self.addr.starts_with("https://") {
             let mut tls = ClientTlsConfig::new().with_webpki_roots();
             if let Some(ca) = &self.ca_file {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| CliError::Other(format!("--ca-file {}: {e}", ca.display())))?;
+                let pem = std::fs::read(ca).map_err(|e| CliError::Other(format!("--ca-file {}: {e}", ca.display())))?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
             endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
         }
-        endpoint
-            .connect()
-            .await
-            .map_err(|e| bad(format!("cannot connect: {e}")))
+        endpoint.connect().await.map_err(|e| bad(format!("cannot connect: {e}")))
     }
 }

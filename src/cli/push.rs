@@ -37,41 +37,23 @@ pub struct PushArgs {
 /// Runs `kas push`.
 pub async fn run(args: PushArgs, out: &mut impl std::io::Write) -> Result<(), CliError> {
     ProjectPath::parse(&args.full_path)?;
-    let secret = read_gitlab_secret(&args.secret_file)
-        .map_err(|e| CliError::Other(format!("--secret-file {e}")))?;
+    let secret = read_gitlab_secret(&args.secret_file).map_err(|e| CliError::Other(format!("--secret-file {e}")))?;
     let jwt = GitLabJwt::new(secret.expose()).sign_as_gitlab("kas-push");
     let channel = args.connect.connect().await?;
     let mut client = NotificationsClient::new(channel).send_compressed(CompressionEncoding::Gzip);
     let mut request = tonic::Request::new(GitPushEventRequest {
-        event: Some(GitPushEvent {
-            project: Some(Project {
-                id: args.project_id,
-                full_path: args.full_path.clone(),
-            }),
-        }),
+        event: Some(GitPushEvent { project: Some(Project { id: args.project_id, full_path: args.full_path.clone() }) }),
     });
     request.set_timeout(std::time::Duration::from_secs(5));
-    let bearer = format!("Bearer {jwt}")
-        .parse()
-        .map_err(|_| CliError::Other("JWT is not valid metadata".into()))?;
+    let bearer = format!("Bearer {jwt}").parse().map_err(|_| CliError::Other("JWT is not valid metadata".into()))?;
     request.metadata_mut().insert("authorization", bearer);
     if let Some(key) = &args.idempotency_key {
-        let value = key
-            .parse()
-            .map_err(|_| CliError::Other("--idempotency-key must be printable ASCII".into()))?;
+        let value = key.parse().map_err(|_| CliError::Other("--idempotency-key must be printable ASCII".into()))?;
         request.metadata_mut().insert("idempotency-key", value);
     }
-    client.git_push_event(request).await.map_err(|s| {
-        CliError::Other(format!(
-            "GitPushEvent failed: {:?}: {}",
-            s.code(),
-            s.message()
-        ))
-    })?;
-    writeln!(
-        out,
-        "push to {} (id {}) accepted",
-        args.full_path, args.project_id
-    )
-    .map_err(io)
+    client
+        .git_push_event(request)
+        .await
+        .map_err(|s| CliError::Other(format!("GitPushEvent failed: {:?}: {}", s.code(), s.message())))?;
+    writeln!(out, "push to {} (id {}) accepted", args.full_path, args.project_id).map_err(io)
 }

@@ -38,32 +38,20 @@ pub struct WatchArgs {
 pub async fn run(args: WatchArgs, out: &mut impl std::io::Write) -> Result<(), CliError> {
     let token = std::fs::read_to_string(&args.token_file)
         .map_err(|e| CliError::Other(format!("--token-file {}: {e}", args.token_file.display())))?;
-    let bearer: tonic::metadata::MetadataValue<_> =
-        format!("Bearer {}", token.trim()).parse().map_err(|_| {
-            CliError::Other("the token file holds characters a token cannot have".into())
-        })?;
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| CliError::Other("the token file holds characters a token cannot have".into()))?;
     let mut seen = 0u64;
     let mut backoff = Duration::from_secs(1);
     loop {
         let result = async {
             let channel = args.connect.connect().await?;
-            let mut client =
-                GitLabFluxClient::new(channel).send_compressed(CompressionEncoding::Gzip);
+            let mut client = GitLabFluxClient::new(channel).send_compressed(CompressionEncoding::Gzip);
             let mut request = tonic::Request::new(ReconcileProjectsRequest {
-                project: args
-                    .projects
-                    .iter()
-                    .map(|p| Project { id: p.clone() })
-                    .collect(),
+                project: args.projects.iter().map(|p| Project { id: p.clone() }).collect(),
             });
-            request
-                .metadata_mut()
-                .insert("authorization", bearer.clone());
-            let mut stream = client
-                .reconcile_projects(request)
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            request.metadata_mut().insert("authorization", bearer.clone());
+            let mut stream = client.reconcile_projects(request).await.map_err(status_error)?.into_inner();
             while let Some(response) = stream.message().await.map_err(status_error)? {
                 let project = response.project.map(|p| p.id).unwrap_or_default();
                 let line = serde_json::json!({ "project": project, "at": format_time(now_ms()) });

@@ -168,12 +168,7 @@ impl Hub {
             let mut interned: Vec<Arc<str>> = Vec::with_capacity(projects.len());
             for p in projects {
                 if seen.insert(p.clone()) {
-                    interned.push(
-                        index
-                            .get_key_value(p.as_str())
-                            .map(|(k, _)| k.clone())
-                            .unwrap_or_else(|| p.into()),
-                    );
+                    interned.push(index.get_key_value(p.as_str()).map(|(k, _)| k.clone()).unwrap_or_else(|| p.into()));
                 }
             }
             let shared = Arc::new(StreamShared {
@@ -190,10 +185,7 @@ impl Hub {
             }
             shared
         };
-        self.streams
-            .lock()
-            .expect("streams lock")
-            .insert(shared.id, shared.clone());
+        self.streams.lock().expect("streams lock").insert(shared.id, shared.clone());
         let mut agents = self.agents.lock().expect("agents lock");
         *agents.entry(agent_id).or_default() += 1;
         self.metrics.connected_agents.set(agents.len() as i64);
@@ -213,10 +205,7 @@ impl Hub {
                 }
             }
         }
-        self.streams
-            .lock()
-            .expect("streams lock")
-            .remove(&shared.id);
+        self.streams.lock().expect("streams lock").remove(&shared.id);
         {
             let mut agents = self.agents.lock().expect("agents lock");
             if let Some(n) = agents.get_mut(&shared.agent.id) {
@@ -264,16 +253,9 @@ impl Hub {
     }
 
     async fn save_positions(&self) {
-        let streams: Vec<Arc<StreamShared>> = self
-            .streams
-            .lock()
-            .expect("streams lock")
-            .values()
-            .cloned()
-            .collect();
+        let streams: Vec<Arc<StreamShared>> = self.streams.lock().expect("streams lock").values().cloned().collect();
         // One position per agent: the least advanced of its streams.
-        let mut per_agent: HashMap<i64, (DeliveryPosition, Vec<&Arc<StreamShared>>)> =
-            HashMap::new();
+        let mut per_agent: HashMap<i64, (DeliveryPosition, Vec<&Arc<StreamShared>>)> = HashMap::new();
         for s in &streams {
             let p = self.position_of(s);
             let entry = per_agent.entry(s.agent.id).or_insert((p, Vec::new()));
@@ -283,10 +265,7 @@ impl Hub {
             entry.1.push(s);
         }
         for (agent, (position, owners)) in per_agent {
-            if owners
-                .iter()
-                .all(|s| s.saved_seq.load(Ordering::Relaxed) == position.seq)
-            {
+            if owners.iter().all(|s| s.saved_seq.load(Ordering::Relaxed) == position.seq) {
                 continue;
             }
             self.save_position(agent, position, false).await;
@@ -323,11 +302,7 @@ impl Hub {
         let wanted: HashMap<&str, &Arc<str>> = shared.projects.iter().map(|p| (&**p, p)).collect();
         let mut replayed = 0u64;
         loop {
-            let page = match self
-                .store
-                .pushes_since(after, overlap_from, not_before, &filter, REPLAY_PAGE)
-                .await
-            {
+            let page = match self.store.pushes_since(after, overlap_from, not_before, &filter, REPLAY_PAGE).await {
                 Ok(page) => page,
                 Err(e) => {
                     tracing::warn!(error = %e, agent = shared.agent.id, "cannot replay missed events");
@@ -360,18 +335,10 @@ impl Hub {
     /// Queues `n` for `path` (one of `shared`'s projects) if the agent may see it; true when
     /// newly queued, false when coalesced or not allowed.
     fn offer(&self, shared: &StreamShared, path: &Arc<str>, n: &PushNotice) -> bool {
-        if !self
-            .directory
-            .could_notify(&shared.agent, path, n.world_readable)
-        {
+        if !self.directory.could_notify(&shared.agent, path, n.world_readable) {
             return false;
         }
-        let added = shared.pending.lock().expect("pending lock").add(
-            path,
-            n.seq,
-            n.world_readable,
-            n.received_at,
-        );
+        let added = shared.pending.lock().expect("pending lock").add(path, n.seq, n.world_readable, n.received_at);
         if added {
             shared.wake.notify_one();
         } else {
@@ -381,13 +348,7 @@ impl Hub {
     }
 
     async fn recheck_credentials(&self) {
-        let streams: Vec<Arc<StreamShared>> = self
-            .streams
-            .lock()
-            .expect("streams lock")
-            .values()
-            .cloned()
-            .collect();
+        let streams: Vec<Arc<StreamShared>> = self.streams.lock().expect("streams lock").values().cloned().collect();
         if streams.is_empty() {
             return;
         }
@@ -401,15 +362,9 @@ impl Hub {
                 return;
             }
         };
-        for s in streams
-            .iter()
-            .filter(|s| !valid.contains(&s.agent.credential))
-        {
+        for s in streams.iter().filter(|s| !valid.contains(&s.agent.credential)) {
             if !s.revoked.is_cancelled() {
-                tracing::info!(
-                    agent = s.agent.id,
-                    "agent token revoked; closing its stream"
-                );
+                tracing::info!(agent = s.agent.id, "agent token revoked; closing its stream");
                 s.revoked.cancel();
             }
         }

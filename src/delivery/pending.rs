@@ -26,13 +26,7 @@ pub struct Pending {
 
 impl Pending {
     /// Adds an event for `path`; returns false when it was coalesced into a waiting entry.
-    pub fn add(
-        &mut self,
-        path: &Arc<str>,
-        seq: i64,
-        world_readable: bool,
-        received_at: i64,
-    ) -> bool {
+    pub fn add(&mut self, path: &Arc<str>, seq: i64, world_readable: bool, received_at: i64) -> bool {
         match self.entries.get_mut(path) {
             Some(e) => {
                 e.first_seq = e.first_seq.min(seq);
@@ -45,15 +39,7 @@ impl Pending {
             }
             None => {
                 self.order.push_back(path.clone());
-                self.entries.insert(
-                    path.clone(),
-                    Entry {
-                        first_seq: seq,
-                        last_seq: seq,
-                        world_readable,
-                        received_at,
-                    },
-                );
+                self.entries.insert(path.clone(), Entry { first_seq: seq, last_seq: seq, world_readable, received_at });
                 true
             }
         }
@@ -62,10 +48,7 @@ impl Pending {
     /// Takes the oldest waiting path.
     pub fn pop(&mut self) -> Option<(Arc<str>, Entry)> {
         let path = self.order.pop_front()?;
-        let entry = self
-            .entries
-            .remove(&path)
-            .expect("order and entries hold the same paths");
+        let entry = self.entries.remove(&path).expect("order and entries hold the same paths");
         Some((path, entry))
     }
 
@@ -132,12 +115,7 @@ mod tests {
         p.put_back(first, entry);
         assert_eq!(p.len(), 3);
         assert_eq!(p.min_seq(), Some(1));
-        let order: Vec<String> =
-            std::iter::from_fn(|| p.pop().map(|(x, _)| x.to_string())).collect();
-        assert_eq!(
-            order,
-            ["b", "c", "a"],
-            "a re-added meanwhile keeps its place at the back"
-        );
+        let order: Vec<String> = std::iter::from_fn(|| p.pop().map(|(x, _)| x.to_string())).collect();
+        assert_eq!(order, ["b", "c", "a"], "a re-added meanwhile keeps its place at the back");
     }
 }

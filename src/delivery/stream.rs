@@ -28,17 +28,8 @@ pub struct ReconcileStream {
 }
 
 impl ReconcileStream {
-    pub(super) fn new(
-        hub: Arc<Hub>,
-        shared: Arc<StreamShared>,
-        closing: CancellationToken,
-    ) -> Self {
-        Self {
-            hub,
-            shared,
-            closing,
-            done: false,
-        }
+    pub(super) fn new(hub: Arc<Hub>, shared: Arc<StreamShared>, closing: CancellationToken) -> Self {
+        Self { hub, shared, closing, done: false }
     }
 
     /// The agent this stream serves.
@@ -60,30 +51,19 @@ impl ReconcileStream {
             let popped = self.shared.pending.lock().expect("pending lock").pop();
             if let Some((path, entry)) = popped {
                 // The access rule, applied before every send.
-                match self
-                    .hub
-                    .directory
-                    .may_notify(&self.shared.agent, &path, entry.world_readable)
-                    .await
-                {
+                match self.hub.directory.may_notify(&self.shared.agent, &path, entry.world_readable).await {
                     Ok(true) => {
                         let metrics = &self.hub.metrics;
                         metrics.notifications_sent.inc();
                         let waited_ms = (now_ms() - entry.received_at).max(0);
-                        metrics
-                            .intake_to_send_seconds
-                            .observe(waited_ms as f64 / 1000.0);
+                        metrics.intake_to_send_seconds.observe(waited_ms as f64 / 1000.0);
                         return Some(Ok(path));
                     }
                     Ok(false) => continue,
                     Err(e) => {
                         // Fail closed, and retry rather than drop.
                         tracing::warn!(error = %e, agent = self.shared.agent.id, project = %path, "cannot check access; will retry");
-                        self.shared
-                            .pending
-                            .lock()
-                            .expect("pending lock")
-                            .put_back(path, entry);
+                        self.shared.pending.lock().expect("pending lock").put_back(path, entry);
                         tokio::select! {
                             _ = self.closing.cancelled() => { self.done = true; return None; }
                             _ = self.shared.revoked.cancelled() => continue,

@@ -30,12 +30,7 @@ mod tests {
     use crate::domain::ProjectPath;
 
     fn info(p: &str, v: Option<Visibility>, a: RepositoryAccess) -> ProjectInfo {
-        ProjectInfo {
-            id: 1,
-            path: ProjectPath::parse(p).unwrap(),
-            visibility: v,
-            repository_access: a,
-        }
+        ProjectInfo { id: 1, path: ProjectPath::parse(p).unwrap(), visibility: v, repository_access: a }
     }
 
     /// Every combination of (own project?, visibility, repository access, registry entry for
@@ -44,12 +39,7 @@ mod tests {
     fn exhaustive() {
         let own = "team/agent-config";
         let other = "team/app";
-        let visibilities = [
-            None,
-            Some(Visibility::Private),
-            Some(Visibility::Internal),
-            Some(Visibility::Public),
-        ];
+        let visibilities = [None, Some(Visibility::Private), Some(Visibility::Internal), Some(Visibility::Public)];
         let accesses = [RepositoryAccess::Everyone, RepositoryAccess::Members];
         let mut allowed = 0;
         for is_own in [true, false] {
@@ -62,8 +52,7 @@ mod tests {
                             "same-path" => Some(info(pushed, v, a)),
                             _ => Some(info("team/renamed-away", v, a)),
                         };
-                        let got =
-                            may_notify(own, pushed, is_world_readable(pushed, registry.as_ref()));
+                        let got = may_notify(own, pushed, is_world_readable(pushed, registry.as_ref()));
                         let want = is_own
                             || (entry == "same-path"
                                 && v == Some(Visibility::Public)
@@ -81,10 +70,7 @@ mod tests {
     #[test]
     fn private_and_internal_reach_only_their_own_agent() {
         for v in [Visibility::Private, Visibility::Internal] {
-            let readable = is_world_readable(
-                "g/p",
-                Some(&info("g/p", Some(v), RepositoryAccess::Everyone)),
-            );
+            let readable = is_world_readable("g/p", Some(&info("g/p", Some(v), RepositoryAccess::Everyone)));
             assert!(!readable);
             assert!(may_notify("g/p", "g/p", readable));
             assert!(!may_notify("g/other-config", "g/p", readable));

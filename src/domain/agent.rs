@@ -15,8 +15,7 @@ pub const TOKEN_PREFIX: &str = "glagent-";
 /// Random characters after the prefix.
 const TOKEN_RANDOM_LEN: usize = 50;
 /// URL-safe alphabet; 64 symbols so that a random byte maps onto it without bias.
-const TOKEN_ALPHABET: &[u8; 64] =
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+const TOKEN_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /// An agent name: a DNS label of at most 63 characters, as GitLab requires.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -29,10 +28,7 @@ impl AgentName {
         if raw.is_empty() || raw.len() > 63 {
             return Err(err("must be 1 to 63 characters long"));
         }
-        if !raw
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
+        if !raw.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
             return Err(err("may contain only lower-case letters, digits and '-'"));
         }
         if raw.starts_with('-') || raw.ends_with('-') {
@@ -72,11 +68,7 @@ impl AgentToken {
         getrandom::fill(&mut random).expect("the operating system's random source failed");
         let mut token = String::with_capacity(TOKEN_PREFIX.len() + TOKEN_RANDOM_LEN);
         token.push_str(TOKEN_PREFIX);
-        token.extend(
-            random
-                .iter()
-                .map(|b| TOKEN_ALPHABET[usize::from(b % 64)] as char),
-        );
+        token.extend(random.iter().map(|b| TOKEN_ALPHABET[usize::from(b % 64)] as char));
         Self(token)
     }
 
@@ -117,12 +109,10 @@ impl TokenDigest {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 #[cfg(test)]
@@ -152,10 +142,7 @@ mod tests {
     #[test]
     fn digest_is_sha256_hex_and_debug_hides_secret() {
         let t = AgentToken::from_presented("abc").unwrap();
-        assert_eq!(
-            t.digest().as_str(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(t.digest().as_str(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert!(!format!("{t:?}").contains("abc"));
         assert!(AgentToken::from_presented("  ").is_none());
     }

@@ -25,9 +25,6 @@ pub struct InvalidValue {
 
 impl InvalidValue {
     pub(crate) fn new(what: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            what,
-            reason: reason.into(),
-        }
+        Self { what, reason: reason.into() }
     }
 }

@@ -28,24 +28,17 @@ impl ProjectPath {
             if segment.is_empty() {
                 return Err(err(format!("{raw:?} has an empty segment")));
             }
-            if let Some(c) = segment
-                .chars()
-                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
-            {
+            if let Some(c) = segment.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))) {
                 return Err(err(format!(
                     "{raw:?} contains {c:?}; only letters, digits, '_', '-', '.' and '/' are allowed"
                 )));
             }
             if segment.starts_with(['-', '.']) || segment.ends_with('.') {
-                return Err(err(format!(
-                    "segment {segment:?} must not start with '-' or '.', or end with '.'"
-                )));
+                return Err(err(format!("segment {segment:?} must not start with '-' or '.', or end with '.'")));
             }
         }
         if segments < 2 {
-            return Err(err(format!(
-                "{raw:?} is not a full path: expected namespace/project"
-            )));
+            return Err(err(format!("{raw:?} is not a full path: expected namespace/project")));
         }
         Ok(Self(raw.to_owned()))
     }
@@ -87,10 +80,7 @@ impl Visibility {
             0 => Ok(Self::Private),
             10 => Ok(Self::Internal),
             20 => Ok(Self::Public),
-            other => Err(InvalidValue::new(
-                "visibility_level",
-                format!("{other} is not one of 0, 10, 20"),
-            )),
+            other => Err(InvalidValue::new("visibility_level", format!("{other} is not one of 0, 10, 20"))),
         }
     }
 
@@ -120,10 +110,7 @@ impl FromStr for Visibility {
             "private" => Ok(Self::Private),
             "internal" => Ok(Self::Internal),
             "public" => Ok(Self::Public),
-            other => Err(InvalidValue::new(
-                "visibility",
-                format!("{other:?} is not one of public, internal, private"),
-            )),
+            other => Err(InvalidValue::new("visibility", format!("{other:?} is not one of public, internal, private"))),
         }
     }
 }
@@ -160,10 +147,7 @@ impl FromStr for RepositoryAccess {
         match s {
             "everyone" => Ok(Self::Everyone),
             "members" => Ok(Self::Members),
-            other => Err(InvalidValue::new(
-                "repository access",
-                format!("{other:?} is not one of everyone, members"),
-            )),
+            other => Err(InvalidValue::new("repository access", format!("{other:?} is not one of everyone, members"))),
         }
     }
 }
@@ -201,9 +185,7 @@ mod tests {
 
     #[test]
     fn refuses_malformed_paths() {
-        for bad in [
-            "", "single", "/a/b", "a/b/", "a//b", "a/b c", "a/-b", "a/.b", "a/b.", "a/b?x", "a/ü",
-        ] {
+        for bad in ["", "single", "/a/b", "a/b/", "a//b", "a/b c", "a/-b", "a/.b", "a/b.", "a/b?x", "a/ü"] {
             assert!(ProjectPath::parse(bad).is_err(), "{bad:?} was accepted");
         }
         assert!(ProjectPath::parse(&format!("a/{}", "x".repeat(MAX_PATH_LEN))).is_err());
@@ -211,11 +193,7 @@ mod tests {
 
     #[test]
     fn visibility_levels_round_trip() {
-        for v in [
-            Visibility::Private,
-            Visibility::Internal,
-            Visibility::Public,
-        ] {
+        for v in [Visibility::Private, Visibility::Internal, Visibility::Public] {
             assert_eq!(Visibility::from_level(v.level()).unwrap(), v);
             assert_eq!(v.as_str().parse::<Visibility>().unwrap(), v);
         }

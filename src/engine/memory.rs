@@ -33,49 +33,25 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    async fn save_position(
-        &self,
-        agent: AgentId,
-        position: DeliveryPosition,
-    ) -> Result<(), EngineError> {
-        self.positions
-            .lock()
-            .expect("positions lock")
-            .insert(agent, position);
+    async fn save_position(&self, agent: AgentId, position: DeliveryPosition) -> Result<(), EngineError> {
+        self.positions.lock().expect("positions lock").insert(agent, position);
         Ok(())
     }
 
     async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, EngineError> {
-        Ok(self
-            .positions
-            .lock()
-            .expect("positions lock")
-            .get(&agent)
-            .copied())
+        Ok(self.positions.lock().expect("positions lock").get(&agent).copied())
     }
 
     async fn connection_opened(&self, record: ConnectionRecord) {
-        self.connections
-            .lock()
-            .expect("connections lock")
-            .insert(record.id.clone(), record);
+        self.connections.lock().expect("connections lock").insert(record.id.clone(), record);
     }
 
     async fn connection_closed(&self, id: &str) {
-        self.connections
-            .lock()
-            .expect("connections lock")
-            .remove(id);
+        self.connections.lock().expect("connections lock").remove(id);
     }
 
     async fn connections(&self) -> Result<Vec<ConnectionRecord>, EngineError> {
-        let mut all: Vec<_> = self
-            .connections
-            .lock()
-            .expect("connections lock")
-            .values()
-            .cloned()
-            .collect();
+        let mut all: Vec<_> = self.connections.lock().expect("connections lock").values().cloned().collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(all)
     }

@@ -90,11 +90,7 @@ pub trait Engine: Send + Sync + 'static {
     /// Whether the backing service answers and this replica receives what others publish.
     async fn ping(&self) -> Result<(), EngineError>;
     /// Saves how far an agent's notifications got, where every replica can read it.
-    async fn save_position(
-        &self,
-        agent: AgentId,
-        position: DeliveryPosition,
-    ) -> Result<(), EngineError>;
+    async fn save_position(&self, agent: AgentId, position: DeliveryPosition) -> Result<(), EngineError>;
     /// Reads an agent's delivery position.
     async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, EngineError>;
     /// Records an open stream (best effort: a failure is repaired by the next heartbeat).

@@ -73,18 +73,12 @@ impl RedisTarget {
     pub fn parse(url: &str) -> Result<Self, String> {
         if let Some(rest) = url.strip_prefix("redis+sentinel://") {
             let (user, password, rest) = split_userinfo(rest);
-            let (hosts, path) = rest
-                .split_once('/')
-                .ok_or("expected redis+sentinel://host:port[,…]/master_name[/db]")?;
+            let (hosts, path) =
+                rest.split_once('/').ok_or("expected redis+sentinel://host:port[,…]/master_name[/db]")?;
             let mut segments = path.split('/');
-            let master = segments
-                .next()
-                .filter(|m| !m.is_empty())
-                .ok_or("the Sentinel master name is missing")?;
+            let master = segments.next().filter(|m| !m.is_empty()).ok_or("the Sentinel master name is missing")?;
             let db = match segments.next().filter(|d| !d.is_empty()) {
-                Some(d) => d
-                    .parse::<i64>()
-                    .map_err(|_| format!("database {d:?} is not a number"))?,
+                Some(d) => d.parse::<i64>().map_err(|_| format!("database {d:?} is not a number"))?,
                 None => 0,
             };
             let mut info = RedisConnectionInfo::default().set_db(db);
@@ -94,22 +88,14 @@ impl RedisTarget {
             if let Some(p) = password {
                 info = info.set_password(p);
             }
-            let sentinels: Vec<String> = hosts
-                .split(',')
-                .filter(|h| !h.is_empty())
-                .map(|h| format!("redis://{h}"))
-                .collect();
+            let sentinels: Vec<String> =
+                hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("redis://{h}")).collect();
             if sentinels.is_empty() {
                 return Err("no Sentinel address".into());
             }
             let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(info);
-            let client = SentinelClient::build(
-                sentinels,
-                master.to_owned(),
-                Some(node),
-                SentinelServerType::Master,
-            )
-            .map_err(|e| e.to_string())?;
+            let client = SentinelClient::build(sentinels, master.to_owned(), Some(node), SentinelServerType::Master)
+                .map_err(|e| e.to_string())?;
             Ok(Self::Sentinel(tokio::sync::Mutex::new(client)))
         } else if let Some(rest) = url.strip_prefix("redis+cluster://") {
             let (user, password, hosts) = split_userinfo(rest);
@@ -133,32 +119,22 @@ impl RedisTarget {
                 .map_err(|e| e.to_string())?;
             Ok(Self::Cluster { client, nodes })
         } else {
-            Client::open(url)
-                .map(Self::Single)
-                .map_err(|e| e.to_string())
+            Client::open(url).map(Self::Single).map_err(|e| e.to_string())
         }
     }
 
     fn config() -> AsyncConnectionConfig {
-        AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
+        AsyncConnectionConfig::new().set_connection_timeout(Some(OP_TIMEOUT)).set_response_timeout(Some(OP_TIMEOUT))
     }
 
     async fn connect(&self) -> redis::RedisResult<Conn> {
         match self {
-            Self::Single(client) => Ok(Conn::Single(
-                client
-                    .get_multiplexed_async_connection_with_config(&Self::config())
-                    .await?,
-            )),
+            Self::Single(client) => {
+                Ok(Conn::Single(client.get_multiplexed_async_connection_with_config(&Self::config()).await?))
+            }
             Self::Sentinel(sentinel) => {
                 let client = sentinel.lock().await.async_get_client().await?;
-                Ok(Conn::Single(
-                    client
-                        .get_multiplexed_async_connection_with_config(&Self::config())
-                        .await?,
-                ))
+                Ok(Conn::Single(client.get_multiplexed_async_connection_with_config(&Self::config()).await?))
             }
             Self::Cluster { client, .. } => Ok(Conn::Cluster(client.get_async_connection().await?)),
         }
@@ -195,10 +171,7 @@ fn split_userinfo(s: &str) -> (Option<&str>, Option<&str>, &str) {
         Some(at) => {
             let (userinfo, rest) = (&s[..at], &s[at + 1..]);
             let (user, password) = match userinfo.split_once(':') {
-                Some((u, p)) => (
-                    Some(u).filter(|u| !u.is_empty()),
-                    Some(p).filter(|p| !p.is_empty()),
-                ),
+                Some((u, p)) => (Some(u).filter(|u| !u.is_empty()), Some(p).filter(|p| !p.is_empty())),
                 None => (Some(userinfo).filter(|u| !u.is_empty()), None),
             };
             (user, password, rest)
@@ -224,11 +197,7 @@ struct Keys {
 impl Keys {
     fn new(prefix: &str) -> Self {
         let tag = format!("{{{prefix}}}");
-        Self {
-            channel: format!("{tag}:events"),
-            replicas: format!("{tag}:replicas"),
-            prefix: tag,
-        }
+        Self { channel: format!("{tag}:events"), replicas: format!("{tag}:replicas"), prefix: tag }
     }
     fn position(&self, agent: AgentId) -> String {
         format!("{}:pos:{agent}", self.prefix)
@@ -308,15 +277,11 @@ impl RedisEngine {
             }
             Ok(Err(e)) => {
                 *self.last_connect_failure.lock().expect("lock") = Some(Instant::now());
-                Err(EngineError::Unavailable(format!(
-                    "cannot connect to Redis: {e}"
-                )))
+                Err(EngineError::Unavailable(format!("cannot connect to Redis: {e}")))
             }
             Err(_) => {
                 *self.last_connect_failure.lock().expect("lock") = Some(Instant::now());
-                Err(EngineError::Unavailable(
-                    "connecting to Redis timed out".into(),
-                ))
+                Err(EngineError::Unavailable("connecting to Redis timed out".into()))
             }
         }
     }
@@ -372,9 +337,7 @@ impl RedisEngine {
                 })
             })
             .collect();
-        ctx.metrics
-            .events_received_remote
-            .inc_by(notices.len() as u64);
+        ctx.metrics.events_received_remote.inc_by(notices.len() as u64);
         ctx.local.deliver(&notices);
     }
 
@@ -385,11 +348,7 @@ impl RedisEngine {
         let mut after = i64::MAX;
         let mut total = 0usize;
         loop {
-            let page = match ctx
-                .store
-                .pushes_since(after, overlap_from, not_before, &[], CATCH_UP_PAGE)
-                .await
-            {
+            let page = match ctx.store.pushes_since(after, overlap_from, not_before, &[], CATCH_UP_PAGE).await {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot catch up from the event log");
@@ -406,10 +365,7 @@ impl RedisEngine {
                 _ => break,
             }
         }
-        tracing::info!(
-            events = total,
-            "caught up from the event log after a gap in the Redis subscription"
-        );
+        tracing::info!(events = total, "caught up from the event log after a gap in the Redis subscription");
     }
 
     async fn subscribe_loop(self: Arc<Self>, ctx: EngineContext) {
@@ -418,9 +374,8 @@ impl RedisEngine {
         let mut warned = false;
         while !ctx.shutdown.is_cancelled() {
             let subscribed = async {
-                let pubsub = tokio::time::timeout(OP_TIMEOUT, self.target.pubsub())
-                    .await
-                    .map_err(|_| "timed out".to_owned())?;
+                let pubsub =
+                    tokio::time::timeout(OP_TIMEOUT, self.target.pubsub()).await.map_err(|_| "timed out".to_owned())?;
                 let (mut sink, stream) = pubsub.map_err(|e| e.to_string())?.split();
                 tokio::time::timeout(OP_TIMEOUT, sink.subscribe(&self.keys.channel))
                     .await
@@ -472,9 +427,7 @@ impl RedisEngine {
             self.subscribed.store(false, Ordering::Release);
             gap_since = Some(now_ms());
             self.metrics.engine_errors.inc();
-            tracing::warn!(
-                "lost the Redis subscription; will catch up from the event log once it is back"
-            );
+            tracing::warn!("lost the Redis subscription; will catch up from the event log once it is back");
         }
     }
 
@@ -487,8 +440,8 @@ impl RedisEngine {
                 _ = tick.tick() => {}
             }
             beats += 1;
-            let full = beats.is_multiple_of(FULL_REWRITE_EVERY)
-                || self.rewrite_connections.swap(false, Ordering::Relaxed);
+            let full =
+                beats.is_multiple_of(FULL_REWRITE_EVERY) || self.rewrite_connections.swap(false, Ordering::Relaxed);
             if let Err(e) = self.heartbeat(full).await {
                 tracing::debug!(error = %e, "heartbeat failed");
                 self.rewrite_connections.store(true, Ordering::Relaxed);
@@ -497,13 +450,7 @@ impl RedisEngine {
         // Leaving: forget this replica at once rather than after its TTL.
         let key = self.keys.connections(&self.replica);
         let mut pipe = redis::pipe();
-        pipe.cmd("DEL")
-            .arg(&key)
-            .ignore()
-            .cmd("ZREM")
-            .arg(&self.keys.replicas)
-            .arg(&self.replica)
-            .ignore();
+        pipe.cmd("DEL").arg(&key).ignore().cmd("ZREM").arg(&self.keys.replicas).arg(&self.replica).ignore();
         let _ = self.run::<()>(&pipe).await;
     }
 
@@ -512,11 +459,7 @@ impl RedisEngine {
         let key = self.keys.connections(&self.replica);
         let ttl = REPLICA_TTL.as_secs();
         let mut pipe = redis::pipe();
-        pipe.cmd("ZADD")
-            .arg(&self.keys.replicas)
-            .arg(now)
-            .arg(&self.replica)
-            .ignore();
+        pipe.cmd("ZADD").arg(&self.keys.replicas).arg(now).arg(&self.replica).ignore();
         pipe.cmd("ZREMRANGEBYSCORE")
             .arg(&self.keys.replicas)
             .arg("-inf")
@@ -528,12 +471,7 @@ impl RedisEngine {
                 .lock()
                 .expect("connections lock")
                 .values()
-                .map(|r| {
-                    (
-                        r.id.clone(),
-                        serde_json::to_string(r).expect("serializable"),
-                    )
-                })
+                .map(|r| (r.id.clone(), serde_json::to_string(r).expect("serializable")))
                 .collect();
             if fields.is_empty() {
                 pipe.cmd("DEL").arg(&key).ignore();
@@ -565,15 +503,7 @@ impl RedisEngine {
             r: self.replica.clone(),
             e: notices
                 .iter()
-                .map(|n| {
-                    (
-                        n.seq,
-                        n.project_id,
-                        n.project_path.to_string(),
-                        n.world_readable,
-                        n.received_at,
-                    )
-                })
+                .map(|n| (n.seq, n.project_id, n.project_path.to_string(), n.world_readable, n.received_at))
                 .collect(),
         };
         serde_json::to_vec(&envelope).expect("serializable")
@@ -603,10 +533,7 @@ impl Engine for RedisEngine {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        pipe.cmd("PUBLISH")
-            .arg(&self.keys.channel)
-            .arg(self.publishable(notices))
-            .ignore();
+        pipe.cmd("PUBLISH").arg(&self.keys.channel).arg(self.publishable(notices)).ignore();
         self.run::<()>(&pipe).await
     }
 
@@ -615,18 +542,12 @@ impl Engine for RedisEngine {
         pipe.cmd("PING");
         let _: (String,) = self.run(&pipe).await?;
         if !self.subscribed.load(Ordering::Acquire) {
-            return Err(EngineError::Unavailable(
-                "not subscribed to the events channel".into(),
-            ));
+            return Err(EngineError::Unavailable("not subscribed to the events channel".into()));
         }
         Ok(())
     }
 
-    async fn save_position(
-        &self,
-        agent: AgentId,
-        position: DeliveryPosition,
-    ) -> Result<(), EngineError> {
+    async fn save_position(&self, agent: AgentId, position: DeliveryPosition) -> Result<(), EngineError> {
         self.available()?;
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
@@ -645,20 +566,14 @@ impl Engine for RedisEngine {
         let (value,): (Option<String>,) = self.run(&pipe).await?;
         Ok(value.and_then(|v| {
             let (seq, at) = v.split_once(':')?;
-            Some(DeliveryPosition {
-                seq: seq.parse().ok()?,
-                at: at.parse().ok()?,
-            })
+            Some(DeliveryPosition { seq: seq.parse().ok()?, at: at.parse().ok()? })
         }))
     }
 
     async fn connection_opened(&self, record: ConnectionRecord) {
         let json = serde_json::to_string(&record).expect("serializable");
         let id = record.id.clone();
-        self.local_connections
-            .lock()
-            .expect("connections lock")
-            .insert(id.clone(), record);
+        self.local_connections.lock().expect("connections lock").insert(id.clone(), record);
         if self.available().is_err() {
             self.rewrite_connections.store(true, Ordering::Relaxed);
             return;
@@ -666,29 +581,20 @@ impl Engine for RedisEngine {
         let key = self.keys.connections(&self.replica);
         let mut pipe = redis::pipe();
         pipe.cmd("HSET").arg(&key).arg(&id).arg(json).ignore();
-        pipe.cmd("EXPIRE")
-            .arg(&key)
-            .arg(REPLICA_TTL.as_secs())
-            .ignore();
+        pipe.cmd("EXPIRE").arg(&key).arg(REPLICA_TTL.as_secs()).ignore();
         if self.run::<()>(&pipe).await.is_err() {
             self.rewrite_connections.store(true, Ordering::Relaxed);
         }
     }
 
     async fn connection_closed(&self, id: &str) {
-        self.local_connections
-            .lock()
-            .expect("connections lock")
-            .remove(id);
+        self.local_connections.lock().expect("connections lock").remove(id);
         if self.available().is_err() {
             self.rewrite_connections.store(true, Ordering::Relaxed);
             return;
         }
         let mut pipe = redis::pipe();
-        pipe.cmd("HDEL")
-            .arg(self.keys.connections(&self.replica))
-            .arg(id)
-            .ignore();
+        pipe.cmd("HDEL").arg(self.keys.connections(&self.replica)).arg(id).ignore();
         if self.run::<()>(&pipe).await.is_err() {
             self.rewrite_connections.store(true, Ordering::Relaxed);
         }
@@ -696,10 +602,7 @@ impl Engine for RedisEngine {
 
     async fn connections(&self) -> Result<Vec<ConnectionRecord>, EngineError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("ZRANGEBYSCORE")
-            .arg(&self.keys.replicas)
-            .arg(now_ms() - REPLICA_TTL.as_millis() as i64)
-            .arg("+inf");
+        pipe.cmd("ZRANGEBYSCORE").arg(&self.keys.replicas).arg(now_ms() - REPLICA_TTL.as_millis() as i64).arg("+inf");
         let (replicas,): (Vec<String>,) = self.run(&pipe).await?;
         if replicas.is_empty() {
             return Ok(Vec::new());
@@ -709,11 +612,8 @@ impl Engine for RedisEngine {
             pipe.cmd("HVALS").arg(self.keys.connections(r));
         }
         let tables: Vec<Vec<String>> = self.run(&pipe).await?;
-        let mut all: Vec<ConnectionRecord> = tables
-            .into_iter()
-            .flatten()
-            .filter_map(|json| serde_json::from_str(&json).ok())
-            .collect();
+        let mut all: Vec<ConnectionRecord> =
+            tables.into_iter().flatten().filter_map(|json| serde_json::from_str(&json).ok()).collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(all)
     }
@@ -725,13 +625,9 @@ mod tests {
 
     #[test]
     fn url_forms() {
+        assert!(matches!(RedisTarget::parse("redis://127.0.0.1:6379/2").unwrap(), RedisTarget::Single(_)));
         assert!(matches!(
-            RedisTarget::parse("redis://127.0.0.1:6379/2").unwrap(),
-            RedisTarget::Single(_)
-        ));
-        assert!(matches!(
-            RedisTarget::parse("redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2:26379/mymaster/1")
-                .unwrap(),
+            RedisTarget::parse("redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2:26379/mymaster/1").unwrap(),
             RedisTarget::Sentinel(_)
         ));
         match RedisTarget::parse("redis+cluster://u:pw@a:7000,b:7001/").unwrap() {
@@ -753,10 +649,7 @@ mod tests {
 
     #[test]
     fn userinfo() {
-        assert_eq!(
-            split_userinfo("u:p@h:1,h:2/m"),
-            (Some("u"), Some("p"), "h:1,h:2/m")
-        );
+        assert_eq!(split_userinfo("u:p@h:1,h:2/m"), (Some("u"), Some("p"), "h:1,h:2/m"));
         assert_eq!(split_userinfo(":p@h:1/m"), (None, Some("p"), "h:1/m"));
         assert_eq!(split_userinfo("h:1/m@x"), (None, None, "h:1/m@x"));
     }
@@ -764,12 +657,7 @@ mod tests {
     #[test]
     fn keys_share_one_hash_tag() {
         let k = Keys::new("kas");
-        for key in [
-            k.channel.clone(),
-            k.replicas.clone(),
-            k.position(7),
-            k.connections("r1"),
-        ] {
+        for key in [k.channel.clone(), k.replicas.clone(), k.position(7), k.connections("r1")] {
             assert!(key.starts_with("{kas}:"), "{key}");
         }
     }

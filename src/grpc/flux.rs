@@ -51,9 +51,7 @@ impl Drop for OpenGauge {
 /// exactly against pushed full paths; one that is not a valid path simply never matches.
 fn validate(request: &ReconcileProjectsRequest) -> Result<Vec<String>, Status> {
     if request.project.len() > MAX_PROJECTS {
-        return Err(Status::invalid_argument(format!(
-            "at most {MAX_PROJECTS} projects per stream"
-        )));
+        return Err(Status::invalid_argument(format!("at most {MAX_PROJECTS} projects per stream")));
     }
     request
         .project
@@ -61,9 +59,7 @@ fn validate(request: &ReconcileProjectsRequest) -> Result<Vec<String>, Status> {
         .enumerate()
         .map(|(i, p)| {
             if p.id.is_empty() {
-                Err(Status::invalid_argument(format!(
-                    "project[{i}].id must not be empty"
-                )))
+                Err(Status::invalid_argument(format!("project[{i}].id must not be empty")))
             } else {
                 Ok(p.id.clone())
             }
@@ -90,37 +86,21 @@ impl GitLabFlux for FluxService {
         tracing::info!(agent = agent.id, name = %agent.name, projects = projects.len(), "ReconcileProjects stream opened");
         let stream = app.hub.open(agent, projects, closing).await;
         let gauge = OpenGauge::new(app.metrics.streams("reconcile_projects"));
-        Ok(Response::new(Box::pin(futures::stream::unfold(
-            (stream, gauge),
-            next_response,
-        ))))
+        Ok(Response::new(Box::pin(futures::stream::unfold((stream, gauge), next_response))))
     }
 }
 
 async fn next_response(
     (mut stream, gauge): (ReconcileStream, OpenGauge),
-) -> Option<(
-    Result<ReconcileProjectsResponse, Status>,
-    (ReconcileStream, OpenGauge),
-)> {
+) -> Option<(Result<ReconcileProjectsResponse, Status>, (ReconcileStream, OpenGauge))> {
     match stream.next().await {
         Some(Ok(path)) => {
-            let response = ReconcileProjectsResponse {
-                project: Some(Project {
-                    id: path.to_string(),
-                }),
-            };
+            let response = ReconcileProjectsResponse { project: Some(Project { id: path.to_string() }) };
             Some((Ok(response), (stream, gauge)))
         }
         Some(Err(StreamEnd::Revoked)) => {
-            tracing::info!(
-                agent = stream.agent().id,
-                "ReconcileProjects stream closed: token revoked"
-            );
-            Some((
-                Err(Status::unauthenticated("agent token revoked")),
-                (stream, gauge),
-            ))
+            tracing::info!(agent = stream.agent().id, "ReconcileProjects stream closed: token revoked");
+            Some((Err(Status::unauthenticated("agent token revoked")), (stream, gauge)))
         }
         None => {
             tracing::debug!(agent = stream.agent().id, "ReconcileProjects stream ended");
@@ -140,15 +120,9 @@ mod tests {
         };
         assert_eq!(validate(&req(&["g/a", "g/b"])).unwrap(), vec!["g/a", "g/b"]);
         assert!(validate(&req(&[])).unwrap().is_empty());
-        assert_eq!(
-            validate(&req(&["g/a", ""])).unwrap_err().code(),
-            tonic::Code::InvalidArgument
-        );
+        assert_eq!(validate(&req(&["g/a", ""])).unwrap_err().code(), tonic::Code::InvalidArgument);
         let many: Vec<String> = (0..=MAX_PROJECTS).map(|i| format!("g/{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert_eq!(
-            validate(&req(&many)).unwrap_err().code(),
-            tonic::Code::InvalidArgument
-        );
+        assert_eq!(validate(&req(&many)).unwrap_err().code(), tonic::Code::InvalidArgument);
     }
 }

@@ -40,16 +40,9 @@ impl From<IdentityError> for Status {
 }
 
 /// Authenticates the agent token in `authorization: Bearer …`, before anything is sent.
-pub(crate) async fn authenticate_agent(
-    app: &App,
-    metadata: &MetadataMap,
-) -> Result<AgentIdentity, Status> {
+pub(crate) async fn authenticate_agent(app: &App, metadata: &MetadataMap) -> Result<AgentIdentity, Status> {
     let result = match bearer(metadata).map(AgentToken::from_presented) {
-        Ok(Some(token)) => app
-            .directory
-            .authenticate(&token)
-            .await
-            .map_err(Status::from),
+        Ok(Some(token)) => app.directory.authenticate(&token).await.map_err(Status::from),
         Ok(None) => Err(Status::unauthenticated("empty agent token")),
         Err(status) => Err(status),
     };
@@ -77,14 +70,11 @@ pub(crate) fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
         .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?
         .to_str()
         .map_err(|_| Status::unauthenticated("malformed authorization metadata"))?;
-    let (scheme, credential) = value
-        .split_once(' ')
-        .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))?;
+    let (scheme, credential) =
+        value.split_once(' ').ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))?;
     let credential = credential.trim();
     if !scheme.eq_ignore_ascii_case("bearer") || credential.is_empty() {
-        return Err(Status::unauthenticated(
-            "authorization must be 'Bearer <token>'",
-        ));
+        return Err(Status::unauthenticated("authorization must be 'Bearer <token>'"));
     }
     Ok(credential)
 }
@@ -93,14 +83,10 @@ pub(crate) fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
 pub(crate) fn authorize_gitlab(app: &App, metadata: &MetadataMap) -> Result<(), Status> {
     let Some(jwt) = &app.gitlab_jwt else {
         app.metrics.auth_failure("api");
-        return Err(Status::unauthenticated(
-            "kas has no GitLab shared secret configured (KAS_GITLAB_SECRET_FILE)",
-        ));
+        return Err(Status::unauthenticated("kas has no GitLab shared secret configured (KAS_GITLAB_SECRET_FILE)"));
     };
-    let result = bearer(metadata).and_then(|token| {
-        jwt.verify_from_gitlab(token)
-            .map_err(|e| Status::unauthenticated(e.to_string()))
-    });
+    let result = bearer(metadata)
+        .and_then(|token| jwt.verify_from_gitlab(token).map_err(|e| Status::unauthenticated(e.to_string())));
     if let Err(status) = &result {
         app.metrics.auth_failure("api");
         tracing::warn!(reason = status.message(), "GitLab-facing call refused");

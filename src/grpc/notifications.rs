@@ -33,9 +33,7 @@ fn validate(request: &GitPushEventRequest) -> Result<PushEvent, Status> {
         .as_ref()
         .ok_or_else(|| Status::invalid_argument("event.project is required"))?;
     if project.id <= 0 {
-        return Err(Status::invalid_argument(
-            "event.project.id must be greater than 0",
-        ));
+        return Err(Status::invalid_argument("event.project.id must be greater than 0"));
     }
     let project_path = ProjectPath::parse(&project.full_path)
         .map_err(|e| Status::invalid_argument(format!("event.project.full_path: {e}")))?;
@@ -61,19 +59,10 @@ impl Notifications for NotificationsService {
             app.metrics.git_push_event("unauthenticated");
             return Err(status);
         }
-        let key = request
-            .metadata()
-            .get("idempotency-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let push =
-            validate(request.get_ref()).inspect_err(|_| app.metrics.git_push_event("invalid"))?;
+        let key = request.metadata().get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let push = validate(request.get_ref()).inspect_err(|_| app.metrics.git_push_event("invalid"))?;
         let project = push.project_path.clone();
-        match app
-            .intake
-            .record(push, key.as_deref(), PushSource::GitPushEvent)
-            .await
-        {
+        match app.intake.record(push, key.as_deref(), PushSource::GitPushEvent).await {
             Ok(RecordOutcome::Recorded(notice)) => {
                 app.metrics.git_push_event("accepted");
                 tracing::debug!(seq = notice.seq, %project, "push recorded");
@@ -85,15 +74,11 @@ impl Notifications for NotificationsService {
             }
             Err(IntakeError::KeyTooLong) => {
                 app.metrics.git_push_event("invalid");
-                Err(Status::invalid_argument(
-                    IntakeError::KeyTooLong.to_string(),
-                ))
+                Err(Status::invalid_argument(IntakeError::KeyTooLong.to_string()))
             }
             Err(e) => {
                 app.metrics.git_push_event("unavailable");
-                Err(Status::unavailable(format!(
-                    "cannot record the push now: {e}"
-                )))
+                Err(Status::unavailable(format!("cannot record the push now: {e}")))
             }
         }
     }
@@ -105,14 +90,7 @@ mod tests {
     use crate::proto::event::{GitPushEvent, Project};
 
     fn req(id: i64, path: &str) -> GitPushEventRequest {
-        GitPushEventRequest {
-            event: Some(GitPushEvent {
-                project: Some(Project {
-                    id,
-                    full_path: path.into(),
-                }),
-            }),
-        }
+        GitPushEventRequest { event: Some(GitPushEvent { project: Some(Project { id, full_path: path.into() }) }) }
     }
 
     #[test]
@@ -124,14 +102,9 @@ mod tests {
             req(5, ""),
             req(5, "g p"),
             GitPushEventRequest { event: None },
-            GitPushEventRequest {
-                event: Some(GitPushEvent { project: None }),
-            },
+            GitPushEventRequest { event: Some(GitPushEvent { project: None }) },
         ] {
-            assert_eq!(
-                validate(&bad).unwrap_err().code(),
-                tonic::Code::InvalidArgument
-            );
+            assert_eq!(validate(&bad).unwrap_err().code(), tonic::Code::InvalidArgument);
         }
     }
 }

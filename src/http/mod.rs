@@ -60,29 +60,15 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         ready &= redis == "ok";
         checks.insert("redis".into(), redis.into());
     }
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     if !ready {
         tracing::debug!(?checks, "not ready");
     }
-    (
-        status,
-        Json(json!({ "status": if ready { "ready" } else { "not ready" }, "checks": checks })),
-    )
-        .into_response()
+    (status, Json(json!({ "status": if ready { "ready" } else { "not ready" }, "checks": checks }))).into_response()
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        app.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], app.metrics.encode())
         .into_response()
 }
 
@@ -98,18 +84,11 @@ async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> 
         .unwrap_or_default();
     if !app.secrets.webhook_token_matches(presented) {
         app.metrics.auth_failure("admin");
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "Authorization: Bearer <webhook secret> required"})),
-        )
+        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "Authorization: Bearer <webhook secret> required"})))
             .into_response();
     }
     match app.engine.connections().await {
         Ok(connections) => Json(json!({ "connections": connections })).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": e.to_string()})),
-        )
-            .into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
     }
 }

@@ -19,32 +19,17 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
     // The token is checked before a byte of the body is read.
-    let token = headers
-        .get("x-gitlab-token")
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
+    let token = headers.get("x-gitlab-token").map(|v| v.as_bytes()).unwrap_or_default();
     if !app.secrets.webhook_token_matches(token) {
         app.metrics.webhook("unauthorized");
         app.metrics.auth_failure("webhook");
-        tracing::warn!(
-            present = !token.is_empty(),
-            "webhook with a missing or wrong X-Gitlab-Token"
-        );
-        return reply(
-            StatusCode::UNAUTHORIZED,
-            json!({"error": "missing or invalid X-Gitlab-Token"}),
-        );
+        tracing::warn!(present = !token.is_empty(), "webhook with a missing or wrong X-Gitlab-Token");
+        return reply(StatusCode::UNAUTHORIZED, json!({"error": "missing or invalid X-Gitlab-Token"}));
     }
     let limit = app.config.webhook_body_limit;
-    let too_large = || {
-        reply(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            json!({"error": format!("body larger than {limit} bytes")}),
-        )
-    };
-    let declared = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let too_large =
+        || reply(StatusCode::PAYLOAD_TOO_LARGE, json!({"error": format!("body larger than {limit} bytes")}));
+    let declared = headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         app.metrics.webhook("too_large");
         return too_large();
@@ -57,10 +42,7 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
         }
         Err(e) => {
             app.metrics.webhook("bad_request");
-            return reply(
-                StatusCode::BAD_REQUEST,
-                json!({"error": format!("cannot read body: {e}")}),
-            );
+            return reply(StatusCode::BAD_REQUEST, json!({"error": format!("cannot read body: {e}")}));
         }
     };
     let event = headers.get("x-gitlab-event").and_then(|v| v.to_str().ok());
@@ -69,10 +51,7 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
         Ok(Hook::Ignored(reason)) => {
             app.metrics.webhook("ignored");
             tracing::debug!(%reason, "webhook ignored");
-            return reply(
-                StatusCode::OK,
-                json!({"status": "ignored", "reason": reason}),
-            );
+            return reply(StatusCode::OK, json!({"status": "ignored", "reason": reason}));
         }
         Err(e) => {
             app.metrics.webhook("bad_request");
@@ -81,18 +60,11 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
         }
     };
     let project = push.project_path.clone();
-    match app
-        .intake
-        .record(push, idempotency_key(headers), PushSource::Webhook)
-        .await
-    {
+    match app.intake.record(push, idempotency_key(headers), PushSource::Webhook).await {
         Ok(RecordOutcome::Recorded(notice)) => {
             app.metrics.webhook("accepted");
             tracing::debug!(seq = notice.seq, project = %project, "push recorded");
-            reply(
-                StatusCode::ACCEPTED,
-                json!({"status": "accepted", "seq": notice.seq}),
-            )
+            reply(StatusCode::ACCEPTED, json!({"status": "accepted", "seq": notice.seq}))
         }
         Ok(RecordOutcome::Duplicate) => {
             app.metrics.webhook("duplicate");
@@ -101,17 +73,11 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
         }
         Err(IntakeError::KeyTooLong) => {
             app.metrics.webhook("bad_request");
-            reply(
-                StatusCode::BAD_REQUEST,
-                json!({"error": IntakeError::KeyTooLong.to_string()}),
-            )
+            reply(StatusCode::BAD_REQUEST, json!({"error": IntakeError::KeyTooLong.to_string()}))
         }
         Err(e) => {
             app.metrics.webhook("unavailable");
-            reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": format!("cannot record the push now: {e}")}),
-            )
+            reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": format!("cannot record the push now: {e}")}))
         }
     }
 }
@@ -120,12 +86,7 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
 fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
     ["idempotency-key", "x-gitlab-event-uuid"]
         .iter()
-        .find_map(|h| {
-            headers
-                .get(*h)
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| !v.is_empty())
-        })
+        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()))
 }
 
 fn reply(status: StatusCode, body: serde_json::Value) -> Response {

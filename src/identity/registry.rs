@@ -40,10 +40,7 @@ impl AgentDirectory for RegistryDirectory {
     }
 
     async fn still_valid(&self, credentials: &[i64]) -> Result<Vec<i64>, IdentityError> {
-        self.store
-            .active_tokens(credentials)
-            .await
-            .map_err(|e| IdentityError::Unavailable(e.to_string()))
+        self.store.active_tokens(credentials).await.map_err(|e| IdentityError::Unavailable(e.to_string()))
     }
 
     fn could_notify(&self, agent: &AgentIdentity, project: &str, world_readable: bool) -> bool {
@@ -56,10 +53,6 @@ impl AgentDirectory for RegistryDirectory {
         project: &str,
         world_readable: bool,
     ) -> Result<bool, IdentityError> {
-        Ok(access::may_notify(
-            &agent.config_project,
-            project,
-            world_readable,
-        ))
+        Ok(access::may_notify(&agent.config_project, project, world_readable))
     }
 }

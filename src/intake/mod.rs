@@ -62,32 +62,16 @@ pub struct Intake {
 
 impl Intake {
     /// Starts `writers` writer tasks over `store`, handing recorded events to `outbox`.
-    pub fn start(
-        store: Arc<dyn Store>,
-        outbox: Arc<Outbox>,
-        metrics: Arc<Metrics>,
-        writers: usize,
-    ) -> Self {
+    pub fn start(store: Arc<dyn Store>, outbox: Arc<Outbox>, metrics: Arc<Metrics>, writers: usize) -> Self {
         let (jobs, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let closed = CancellationToken::new();
         let tracker = TaskTracker::new();
         for _ in 0..writers.max(1) {
-            tracker.spawn(write_batches(
-                rx.clone(),
-                store.clone(),
-                outbox.clone(),
-                metrics.clone(),
-                closed.clone(),
-            ));
+            tracker.spawn(write_batches(rx.clone(), store.clone(), outbox.clone(), metrics.clone(), closed.clone()));
         }
         tracker.close();
-        Self {
-            jobs,
-            metrics,
-            closed,
-            writers: tracker,
-        }
+        Self { jobs, metrics, closed, writers: tracker }
     }
 
     /// Records a push; `key` de-duplicates redeliveries (a random one is used when absent).
@@ -107,24 +91,14 @@ impl Intake {
             return Err(IntakeError::ShuttingDown);
         }
         let (reply, answer) = oneshot::channel();
-        let push = NewPush {
-            event,
-            idempotency_key,
-            source,
-            received_at: now_ms(),
-        };
+        let push = NewPush { event, idempotency_key, source, received_at: now_ms() };
         let result = tokio::time::timeout(RECORD_TIMEOUT, async {
-            self.jobs
-                .send(Job { push, reply })
-                .await
-                .map_err(|_| IntakeError::ShuttingDown)?;
+            self.jobs.send(Job { push, reply }).await.map_err(|_| IntakeError::ShuttingDown)?;
             answer.await.map_err(|_| IntakeError::ShuttingDown)?
         })
         .await
         .unwrap_or(Err(IntakeError::Timeout));
-        self.metrics
-            .intake_seconds
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.intake_seconds.observe(started.elapsed().as_secs_f64());
         result
     }
 
@@ -162,8 +136,7 @@ async fn write_batches(
             }
             batch
         };
-        let (pushes, replies): (Vec<NewPush>, Vec<_>) =
-            batch.into_iter().map(|j| (j.push, j.reply)).unzip();
+        let (pushes, replies): (Vec<NewPush>, Vec<_>) = batch.into_iter().map(|j| (j.push, j.reply)).unzip();
         match store.record_pushes(&pushes).await {
             Ok(outcomes) => {
                 let mut recorded = Vec::with_capacity(outcomes.len());

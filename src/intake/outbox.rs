@@ -59,22 +59,14 @@ impl Outbox {
         retention: Duration,
     ) -> (Arc<Self>, OutboxTasks) {
         let (queue, rx) = mpsc::channel(QUEUE);
-        let shared = Arc::new(Shared {
-            store,
-            engine,
-            local,
-            metrics: metrics.clone(),
-        });
+        let shared = Arc::new(Shared { store, engine, local, metrics: metrics.clone() });
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         tracker.spawn(publish_queued(rx, shared.clone()));
         tracker.spawn(sweep(shared.clone(), stop.clone()));
         tracker.spawn(prune(shared, retention, stop.clone()));
         tracker.close();
-        (
-            Arc::new(Self { queue, metrics }),
-            OutboxTasks { stop, tracker },
-        )
+        (Arc::new(Self { queue, metrics }), OutboxTasks { stop, tracker })
     }
 
     /// Queues freshly recorded events. Never waits: when the queue is full the events stay
@@ -119,11 +111,7 @@ async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
         }
         loop {
             let now = now_ms();
-            let claimed = match shared
-                .store
-                .claim_unpublished(now - SWEEP_AFTER_MS, now, LEASE_MS, SWEEP_BATCH)
-                .await
-            {
+            let claimed = match shared.store.claim_unpublished(now - SWEEP_AFTER_MS, now, LEASE_MS, SWEEP_BATCH).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox sweep cannot read the event log");
@@ -134,10 +122,7 @@ async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
             if claimed.is_empty() {
                 break;
             }
-            tracing::info!(
-                events = claimed.len(),
-                "outbox publishing events left unpublished"
-            );
+            tracing::info!(events = claimed.len(), "outbox publishing events left unpublished");
             if !shared.publish(claimed, true).await || !full || stop.is_cancelled() {
                 break;
             }

@@ -86,40 +86,26 @@ pub fn parse(event: Option<&str>, body: &[u8]) -> Result<Hook, WebhookError> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(WebhookError::Malformed("expected a JSON object".into()));
     }
-    let payload: Payload<'_> =
-        serde_json::from_slice(body).map_err(|e| WebhookError::Malformed(e.to_string()))?;
+    let payload: Payload<'_> = serde_json::from_slice(body).map_err(|e| WebhookError::Malformed(e.to_string()))?;
     // The body's own kind is the most specific: system hooks carry only `event_name`, project
     // hooks carry both it and `object_kind`.
-    let body_kind = payload
-        .object_kind
-        .as_deref()
-        .or(payload.event_name.as_deref());
+    let body_kind = payload.object_kind.as_deref().or(payload.event_name.as_deref());
     let kind = match (body_kind, header_kind) {
         (Some("push"), _) => PushKind::Branch,
         (Some("tag_push"), _) => PushKind::Tag,
         (None, Some(kind)) => kind,
         (Some(other), _) => {
-            return Ok(Hook::Ignored(format!(
-                "{event} event {other:?} is not acted on"
-            )));
+            return Ok(Hook::Ignored(format!("{event} event {other:?} is not acted on")));
         }
         (None, None) => return Ok(Hook::Ignored("system hook without event_name".into())),
     };
     let project = payload.project.as_ref();
-    let path = project
-        .and_then(|p| p.path_with_namespace.as_deref())
-        .ok_or(WebhookError::MissingProjectPath)?;
-    let project_path =
-        ProjectPath::parse(path).map_err(|e| WebhookError::Invalid(e.to_string()))?;
-    let project_id = project
-        .and_then(|p| p.id)
-        .or(payload.project_id)
-        .filter(|id| *id > 0)
-        .ok_or(WebhookError::MissingProjectId)?;
+    let path = project.and_then(|p| p.path_with_namespace.as_deref()).ok_or(WebhookError::MissingProjectPath)?;
+    let project_path = ProjectPath::parse(path).map_err(|e| WebhookError::Invalid(e.to_string()))?;
+    let project_id =
+        project.and_then(|p| p.id).or(payload.project_id).filter(|id| *id > 0).ok_or(WebhookError::MissingProjectId)?;
     // An unknown level (a future GitLab's) leaves the registry as it is rather than guessing.
-    let visibility = project
-        .and_then(|p| p.visibility_level)
-        .and_then(|l| Visibility::from_level(l).ok());
+    let visibility = project.and_then(|p| p.visibility_level).and_then(|l| Visibility::from_level(l).ok());
     Ok(Hook::Push(PushEvent {
         project_id,
         project_path,
@@ -131,15 +117,9 @@ pub fn parse(event: Option<&str>, body: &[u8]) -> Result<Hook, WebhookError> {
     }))
 }
 
-fn bounded(
-    field: &str,
-    value: Option<Cow<'_, str>>,
-    max: usize,
-) -> Result<Option<String>, WebhookError> {
+fn bounded(field: &str, value: Option<Cow<'_, str>>, max: usize) -> Result<Option<String>, WebhookError> {
     match value {
-        Some(v) if v.len() > max => Err(WebhookError::Invalid(format!(
-            "{field} is longer than {max} bytes"
-        ))),
+        Some(v) if v.len() > max => Err(WebhookError::Invalid(format!("{field} is longer than {max} bytes"))),
         Some(v) if v.is_empty() => Ok(None),
         other => Ok(other.map(Cow::into_owned)),
     }
@@ -150,11 +130,7 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(format!(
-            "{}/tests/fixtures/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap()
+        std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
     }
 
     fn push(event: &str, body: &[u8]) -> PushEvent {
@@ -167,27 +143,14 @@ mod tests {
     #[test]
     fn every_fixture_is_a_push() {
         let p = push("Push Hook", &fixture("project-hook-push.json"));
-        assert_eq!(
-            (p.project_id, p.project_path.as_str(), p.kind),
-            (15, "mike/diaspora", PushKind::Branch)
-        );
+        assert_eq!((p.project_id, p.project_path.as_str(), p.kind), (15, "mike/diaspora", PushKind::Branch));
         assert_eq!(p.git_ref.as_deref(), Some("refs/heads/master"));
         assert_eq!(p.visibility, Some(Visibility::Private));
         let t = push("Tag Push Hook", &fixture("project-hook-tag-push.json"));
-        assert_eq!(
-            (t.project_id, t.project_path.as_str(), t.kind),
-            (1, "jsmith/example", PushKind::Tag)
-        );
-        assert_eq!(
-            t.before.as_deref(),
-            Some("0000000000000000000000000000000000000000")
-        );
+        assert_eq!((t.project_id, t.project_path.as_str(), t.kind), (1, "jsmith/example", PushKind::Tag));
+        assert_eq!(t.before.as_deref(), Some("0000000000000000000000000000000000000000"));
         let s = push("System Hook", &fixture("system-hook-push.json"));
-        assert_eq!(
-            (s.project_id, s.project_path.as_str()),
-            (15, "mike/diaspora"),
-            "id from top-level project_id"
-        );
+        assert_eq!((s.project_id, s.project_path.as_str()), (15, "mike/diaspora"), "id from top-level project_id");
         let b = push("Push Hook", &fixture("test-button-push.json"));
         assert_eq!(b.project_path.as_str(), "gitlab/gitlab");
     }
@@ -198,26 +161,15 @@ mod tests {
         let body = br#"{"object_kind":"push","project":{"id":9,"path_with_namespace":"a/b/c/d","visibility_level":20,"new_field":{"x":[1]}},
             "after":"0000000000000000000000000000000000000000","checkout_sha":null,"brand_new":true}"#;
         let p = push("Push Hook", body);
-        assert_eq!(
-            (p.project_id, p.project_path.as_str(), p.visibility),
-            (9, "a/b/c/d", Some(Visibility::Public))
-        );
-        assert_eq!(
-            p.after.as_deref(),
-            Some("0000000000000000000000000000000000000000")
-        );
+        assert_eq!((p.project_id, p.project_path.as_str(), p.visibility), (9, "a/b/c/d", Some(Visibility::Public)));
+        assert_eq!(p.after.as_deref(), Some("0000000000000000000000000000000000000000"));
         assert_eq!(p.git_ref, None);
         // System hook tag push.
-        let t = push(
-            "System Hook",
-            br#"{"event_name":"tag_push","project_id":4,"project":{"path_with_namespace":"g/p"}}"#,
-        );
+        let t =
+            push("System Hook", br#"{"event_name":"tag_push","project_id":4,"project":{"path_with_namespace":"g/p"}}"#);
         assert_eq!(t.kind, PushKind::Tag);
         // Unknown visibility level: left unknown.
-        let u = push(
-            "Push Hook",
-            br#"{"project":{"id":1,"path_with_namespace":"g/p","visibility_level":15}}"#,
-        );
+        let u = push("Push Hook", br#"{"project":{"id":1,"path_with_namespace":"g/p","visibility_level":15}}"#);
         assert_eq!(u.visibility, None);
     }
 
@@ -226,67 +178,34 @@ mod tests {
         for (event, body) in [
             ("Merge Request Hook", &b"{}"[..]),
             ("Issue Hook", b"not even json"),
-            (
-                "System Hook",
-                br#"{"event_name":"project_create","project_id":1}"#,
-            ),
+            ("System Hook", br#"{"event_name":"project_create","project_id":1}"#),
             ("System Hook", br#"{"event_name":"user_create"}"#),
             ("System Hook", br#"{}"#),
         ] {
-            assert!(
-                matches!(parse(Some(event), body), Ok(Hook::Ignored(_))),
-                "{event} {body:?}"
-            );
+            assert!(matches!(parse(Some(event), body), Ok(Hook::Ignored(_))), "{event} {body:?}");
         }
     }
 
     #[test]
     fn refusals() {
         assert_eq!(parse(None, b"{}"), Err(WebhookError::MissingEvent));
-        assert!(matches!(
-            parse(Some("Push Hook"), b"{"),
-            Err(WebhookError::Malformed(_))
-        ));
-        assert!(matches!(
-            parse(Some("Push Hook"), b"[]"),
-            Err(WebhookError::Malformed(_))
-        ));
-        assert!(matches!(
-            parse(Some("Push Hook"), br#"{"project_id":"15"}"#),
-            Err(WebhookError::Malformed(_))
-        ));
+        assert!(matches!(parse(Some("Push Hook"), b"{"), Err(WebhookError::Malformed(_))));
+        assert!(matches!(parse(Some("Push Hook"), b"[]"), Err(WebhookError::Malformed(_))));
+        assert!(matches!(parse(Some("Push Hook"), br#"{"project_id":"15"}"#), Err(WebhookError::Malformed(_))));
+        assert_eq!(parse(Some("Push Hook"), br#"{"project":{"id":1}}"#), Err(WebhookError::MissingProjectPath));
         assert_eq!(
-            parse(Some("Push Hook"), br#"{"project":{"id":1}}"#),
-            Err(WebhookError::MissingProjectPath)
-        );
-        assert_eq!(
-            parse(
-                Some("Push Hook"),
-                br#"{"project":{"path_with_namespace":"g/p"}}"#
-            ),
+            parse(Some("Push Hook"), br#"{"project":{"path_with_namespace":"g/p"}}"#),
             Err(WebhookError::MissingProjectId)
         );
         assert_eq!(
-            parse(
-                Some("Push Hook"),
-                br#"{"project_id":0,"project":{"path_with_namespace":"g/p"}}"#
-            ),
+            parse(Some("Push Hook"), br#"{"project_id":0,"project":{"path_with_namespace":"g/p"}}"#),
             Err(WebhookError::MissingProjectId)
         );
         assert!(matches!(
-            parse(
-                Some("Push Hook"),
-                br#"{"project":{"id":1,"path_with_namespace":"g/p q"}}"#
-            ),
+            parse(Some("Push Hook"), br#"{"project":{"id":1,"path_with_namespace":"g/p q"}}"#),
             Err(WebhookError::Invalid(_))
         ));
-        let long_ref = format!(
-            r#"{{"project":{{"id":1,"path_with_namespace":"g/p"}},"ref":"{}"}}"#,
-            "r".repeat(2000)
-        );
-        assert!(matches!(
-            parse(Some("Push Hook"), long_ref.as_bytes()),
-            Err(WebhookError::Invalid(_))
-        ));
+        let long_ref = format!(r#"{{"project":{{"id":1,"path_with_namespace":"g/p"}},"ref":"{}"}}"#, "r".repeat(2000));
+        assert!(matches!(parse(Some("Push Hook"), long_ref.as_bytes()), Err(WebhookError::Invalid(_))));
     }
 }

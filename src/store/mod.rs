@@ -11,9 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::config::StoreConfig;
-use crate::domain::{
-    AgentId, AgentName, ProjectInfo, ProjectPath, PushEvent, PushKind, TokenDigest,
-};
+use crate::domain::{AgentId, AgentName, ProjectInfo, ProjectPath, PushEvent, PushKind, TokenDigest};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -61,6 +59,8 @@ pub struct AgentRecord {
     pub config_project: ProjectPath,
     /// Unix milliseconds.
     pub created_at: i64,
+    /// The configuration project's GitLab id, when the project registry knows its path.
+    pub config_project_id: Option<i64>,
 }
 
 /// A token's metadata; the token itself is never stored.
@@ -190,14 +190,22 @@ pub trait Store: Send + Sync + 'static {
     /// Closes the pool.
     async fn close(&self);
 
-    /// Creates an agent together with its first token, in one transaction.
+    /// Creates an agent together with its first token (and its configuration file, already
+    /// validated), in one transaction.
     async fn create_agent(
         &self,
         name: &AgentName,
         config_project: &ProjectPath,
         first_token: &TokenDigest,
+        config: Option<&str>,
         now: i64,
     ) -> Result<(AgentRecord, TokenRecord), StoreError>;
+    /// Replaces an agent's configuration file (validated by the caller); returns the new version.
+    async fn set_agent_config(&self, agent: AgentId, config: Option<&str>) -> Result<i64, StoreError>;
+    /// An agent's configuration file and its version; `None` when there is no such agent.
+    async fn agent_config(&self, agent: AgentId) -> Result<Option<(Option<String>, i64)>, StoreError>;
+    /// Configuration versions of these agents (missing agents are left out).
+    async fn config_versions(&self, agents: &[AgentId]) -> Result<Vec<(AgentId, i64)>, StoreError>;
     /// Every agent, by id.
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
     /// Agents with this name (one per configuration project).
@@ -208,22 +216,13 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_agent(&self, id: AgentId) -> Result<bool, StoreError>;
 
     /// Adds a token, refusing when the agent already has `MAX_ACTIVE_TOKENS` active ones.
-    async fn create_token(
-        &self,
-        agent: AgentId,
-        digest: &TokenDigest,
-        now: i64,
-    ) -> Result<TokenRecord, StoreError>;
+    async fn create_token(&self, agent: AgentId, digest: &TokenDigest, now: i64) -> Result<TokenRecord, StoreError>;
     /// An agent's tokens, by id.
     async fn list_tokens(&self, agent: AgentId) -> Result<Vec<TokenRecord>, StoreError>;
     /// Revokes a token; `None` when there is no such token.
     async fn revoke_token(&self, token: i64, now: i64) -> Result<Option<TokenRecord>, StoreError>;
     /// The agent an active token belongs to, recording the use.
-    async fn authenticate(
-        &self,
-        digest: &TokenDigest,
-        now: i64,
-    ) -> Result<Option<Authenticated>, StoreError>;
+    async fn authenticate(&self, digest: &TokenDigest, now: i64) -> Result<Option<Authenticated>, StoreError>;
     /// Which of these token ids are still active.
     async fn active_tokens(&self, ids: &[i64]) -> Result<Vec<i64>, StoreError>;
 
@@ -265,11 +264,7 @@ pub trait Store: Send + Sync + 'static {
     async fn recent_pushes(&self, limit: i64) -> Result<Vec<LoggedPush>, StoreError>;
 
     /// Saves an agent's delivery position.
-    async fn save_position(
-        &self,
-        agent: AgentId,
-        position: DeliveryPosition,
-    ) -> Result<(), StoreError>;
+    async fn save_position(&self, agent: AgentId, position: DeliveryPosition) -> Result<(), StoreError>;
     /// Loads an agent's delivery position.
     async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, StoreError>;
 }
@@ -286,8 +281,5 @@ pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -19,9 +19,7 @@ impl PostgresStore {
     /// Connects, retrying for a bounded time so a database that starts alongside kas (as in
     /// docker-compose) is waited for rather than fatal.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let options = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5));
+        let options = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5));
         let mut attempt = 0;
         loop {
             match options.clone().connect(url).await {

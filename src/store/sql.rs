@@ -8,7 +8,8 @@ use crate::domain::{AgentName, ProjectInfo, ProjectPath, PushKind, RepositoryAcc
 use super::{AgentRecord, StoreError, TokenRecord};
 
 /// Columns of an agent row, in the order `agent_from_parts` takes them.
-pub(super) const AGENT_COLUMNS: &str = "id, name, config_project_path, created_at";
+pub(super) const AGENT_COLUMNS: &str = "id, name, config_project_path, created_at, \
+    (SELECT p.id FROM projects p WHERE p.full_path = agents.config_project_path ORDER BY p.updated_at DESC LIMIT 1) AS config_project_id";
 /// Columns of a token row.
 pub(super) const TOKEN_COLUMNS: &str = "id, agent_id, created_at, last_used_at, revoked_at";
 
@@ -17,13 +18,14 @@ pub(super) fn agent_from_parts(
     name: String,
     path: String,
     created_at: i64,
+    config_project_id: Option<i64>,
 ) -> Result<AgentRecord, StoreError> {
     Ok(AgentRecord {
         id,
         name: AgentName::parse(&name).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        config_project: ProjectPath::parse(&path)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        config_project: ProjectPath::parse(&path).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         created_at,
+        config_project_id,
     })
 }
 
@@ -34,13 +36,7 @@ pub(super) fn token_from_parts(
     last_used_at: Option<i64>,
     revoked_at: Option<i64>,
 ) -> TokenRecord {
-    TokenRecord {
-        id,
-        agent_id,
-        created_at,
-        last_used_at,
-        revoked_at,
-    }
+    TokenRecord { id, agent_id, created_at, last_used_at, revoked_at }
 }
 
 pub(super) fn project_from_parts(
@@ -53,11 +49,7 @@ pub(super) fn project_from_parts(
     Ok(ProjectInfo {
         id,
         path: ProjectPath::parse(&path).map_err(corrupt)?,
-        visibility: visibility
-            .as_deref()
-            .map(str::parse::<Visibility>)
-            .transpose()
-            .map_err(corrupt)?,
+        visibility: visibility.as_deref().map(str::parse::<Visibility>).transpose().map_err(corrupt)?,
         repository_access: access.parse::<RepositoryAccess>().map_err(corrupt)?,
     })
 }
@@ -79,8 +71,7 @@ pub(super) fn world_readable(
 }
 
 pub(super) fn kind_from_stored(kind: &str) -> Result<PushKind, StoreError> {
-    PushKind::from_stored(kind)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown push kind {kind:?}")))
+    PushKind::from_stored(kind).ok_or_else(|| StoreError::Corrupt(format!("unknown push kind {kind:?}")))
 }
 
 /// Maps a unique-constraint violation to a `Conflict` with the given message.
@@ -115,15 +106,19 @@ macro_rules! impl_store {
                 name: &AgentName,
                 config_project: &ProjectPath,
                 first_token: &TokenDigest,
+                config: Option<&str>,
                 now: i64,
             ) -> Result<(AgentRecord, TokenRecord), StoreError> {
                 let mut tx = self.pool.begin().await?;
                 let (id,): (i64,) = sqlx::query_as(
-                    "INSERT INTO agents (name, config_project_path, created_at) VALUES ($1, $2, $3) RETURNING id",
+                    "INSERT INTO agents (name, config_project_path, created_at, config_yaml, config_version) \
+                     VALUES ($1, $2, $3, $4, $5) RETURNING id",
                 )
                 .bind(name.as_str())
                 .bind(config_project.as_str())
                 .bind(now)
+                .bind(config)
+                .bind(i64::from(config.is_some()))
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(|e| conflict_or(e, || format!("agent {name} already exists for {config_project}")))?;
@@ -137,28 +132,59 @@ macro_rules! impl_store {
                 .await
                 .map_err(|e| conflict_or(e, || "token collision; try again".into()))?;
                 tx.commit().await?;
-                let agent = AgentRecord { id, name: name.clone(), config_project: config_project.clone(), created_at: now };
+                let agent = self.agent(id).await?.ok_or_else(|| StoreError::NotFound(format!("agent {id}")))?;
                 Ok((agent, token_from_parts(token_id, id, now, None, None)))
+            }
+
+            async fn set_agent_config(&self, agent: AgentId, config: Option<&str>) -> Result<i64, StoreError> {
+                let row: Option<(i64,)> = sqlx::query_as(
+                    "UPDATE agents SET config_yaml = $2, config_version = config_version + 1 WHERE id = $1 RETURNING config_version",
+                )
+                .bind(agent)
+                .bind(config)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(|(v,)| v).ok_or_else(|| StoreError::NotFound(format!("agent {agent}")))
+            }
+
+            async fn agent_config(&self, agent: AgentId) -> Result<Option<(Option<String>, i64)>, StoreError> {
+                Ok(sqlx::query_as("SELECT config_yaml, config_version FROM agents WHERE id = $1")
+                    .bind(agent)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn config_versions(&self, agents: &[AgentId]) -> Result<Vec<(AgentId, i64)>, StoreError> {
+                if agents.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut q = sqlx::QueryBuilder::<$db>::new("SELECT id, config_version FROM agents WHERE id IN (");
+                let mut list = q.separated(", ");
+                for id in agents {
+                    list.push_bind(*id);
+                }
+                q.push(")");
+                Ok(q.build_query_as().fetch_all(&self.pool).await?)
             }
 
             async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
                 let sql = sqlx::AssertSqlSafe(format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY id"));
-                let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(sql).fetch_all(&self.pool).await?;
-                rows.into_iter().map(|(a, b, c, d)| agent_from_parts(a, b, c, d)).collect()
+                let rows: Vec<(i64, String, String, i64, Option<i64>)> = sqlx::query_as(sql).fetch_all(&self.pool).await?;
+                rows.into_iter().map(|(a, b, c, d, e)| agent_from_parts(a, b, c, d, e)).collect()
             }
 
             async fn agents_named(&self, name: &AgentName) -> Result<Vec<AgentRecord>, StoreError> {
                 let sql = sqlx::AssertSqlSafe(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE name = $1 ORDER BY id"));
-                let rows: Vec<(i64, String, String, i64)> =
+                let rows: Vec<(i64, String, String, i64, Option<i64>)> =
                     sqlx::query_as(sql).bind(name.as_str()).fetch_all(&self.pool).await?;
-                rows.into_iter().map(|(a, b, c, d)| agent_from_parts(a, b, c, d)).collect()
+                rows.into_iter().map(|(a, b, c, d, e)| agent_from_parts(a, b, c, d, e)).collect()
             }
 
             async fn agent(&self, id: AgentId) -> Result<Option<AgentRecord>, StoreError> {
                 let sql = sqlx::AssertSqlSafe(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"));
-                let row: Option<(i64, String, String, i64)> =
+                let row: Option<(i64, String, String, i64, Option<i64>)> =
                     sqlx::query_as(sql).bind(id).fetch_optional(&self.pool).await?;
-                row.map(|(a, b, c, d)| agent_from_parts(a, b, c, d)).transpose()
+                row.map(|(a, b, c, d, e)| agent_from_parts(a, b, c, d, e)).transpose()
             }
 
             async fn delete_agent(&self, id: AgentId) -> Result<bool, StoreError> {
@@ -508,15 +534,7 @@ pub(super) use impl_store;
 /// row `full_path, visibility, repository_access`.
 #[allow(clippy::type_complexity)]
 pub(super) fn notice_from_row(
-    r: (
-        i64,
-        i64,
-        String,
-        i64,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    ),
+    r: (i64, i64, String, i64, Option<String>, Option<String>, Option<String>),
 ) -> Result<super::PushNotice, StoreError> {
     let (seq, project_id, path, received_at, registry_path, visibility, access) = r;
     Ok(super::PushNotice {

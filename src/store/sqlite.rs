@@ -31,8 +31,7 @@ impl SqliteStore {
         let parent = options.get_filename().parent().map(Path::to_owned);
         for dir in [Some(data_dir.to_owned()), parent].into_iter().flatten() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+                std::fs::create_dir_all(&dir).map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
             }
         }
         let pool = SqlitePoolOptions::new()

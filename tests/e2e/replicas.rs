@@ -56,16 +56,8 @@ async fn three_replicas_act_as_one() {
 
     // The connection state lists every agent, each on its replica, from any replica.
     let listed = eventually(SOON, || async {
-        let body: serde_json::Value = b
-            .client
-            .get(b.url("/agents"))
-            .bearer_auth(&b.webhook_secret)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body: serde_json::Value =
+            b.client.get(b.url("/agents")).bearer_auth(&b.webhook_secret).send().await.unwrap().json().await.unwrap();
         body["connections"].as_array().map(|c| c.len()) == Some(3)
     })
     .await;
@@ -73,38 +65,16 @@ async fn three_replicas_act_as_one() {
     let unauthorized = b.client.get(b.url("/agents")).send().await.unwrap();
     assert_eq!(unauthorized.status(), 401);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
-        .args([
-            "agents",
-            "--addr",
-            &format!("http://{}", c.http),
-            "--secret-file",
-        ])
+        .args(["agents", "--addr", &format!("http://{}", c.http), "--secret-file"])
         .arg(db.data_dir().join("webhook-secret"))
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for name in ["x", "y", "z"] {
-        assert!(
-            table
-                .lines()
-                .any(|l| l.split_whitespace().nth(1) == Some(name)),
-            "{name} in\n{table}"
-        );
+        assert!(table.lines().any(|l| l.split_whitespace().nth(1) == Some(name)), "{name} in\n{table}");
     }
-    let ready: serde_json::Value = a
-        .client
-        .get(a.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = a.client.get(a.url("/readyz")).send().await.unwrap().json().await.unwrap();
     assert_eq!(ready["checks"]["redis"], "ok");
 
     for app in [a, b, c] {
@@ -128,10 +98,7 @@ async fn redis_outage_loses_nothing() {
     let far = TestAgent::connect(b.agent, &far_token).await;
     let mut far_s = far.open(&["g/far"]).await.unwrap();
     assert_eq!(a.push(1, "g/far", 0).await.status(), 202);
-    assert_eq!(
-        next_project(&mut far_s, SOON).await.as_deref(),
-        Some("g/far")
-    );
+    assert_eq!(next_project(&mut far_s, SOON).await.as_deref(), Some("g/far"));
 
     redis.stop();
     // Intake on A keeps recording and answering.
@@ -141,60 +108,29 @@ async fn redis_outage_loses_nothing() {
         let r = a.client.get(a.url("/readyz")).send().await.unwrap();
         let status = r.status();
         let body: serde_json::Value = r.json().await.unwrap();
-        status == 503
-            && body["checks"]["redis"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("failing")
+        status == 503 && body["checks"]["redis"].as_str().unwrap_or("").starts_with("failing")
     })
     .await;
     assert!(failing, "readyz reports Redis");
     // An agent connecting during the outage is served, and local events reach it.
     let near = TestAgent::connect(a.agent, &near_token).await;
-    let mut near_s = tokio::time::timeout(SOON, near.open(&["g/near"]))
-        .await
-        .expect("not held up by Redis")
-        .unwrap();
+    let mut near_s = tokio::time::timeout(SOON, near.open(&["g/near"])).await.expect("not held up by Redis").unwrap();
     assert_eq!(a.push(2, "g/near", 0).await.status(), 202);
-    assert_eq!(
-        next_project(&mut near_s, SOON).await.as_deref(),
-        Some("g/near")
-    );
+    assert_eq!(next_project(&mut near_s, SOON).await.as_deref(), Some("g/near"));
     // The far agent has not heard of the outage-time push yet.
     assert!(next_project(&mut far_s, QUIET).await.is_none());
 
     redis.resume().await;
     // Once Redis is back, the push recorded during the outage reaches the other replica, once.
-    assert_eq!(
-        next_project(&mut far_s, Duration::from_secs(20))
-            .await
-            .as_deref(),
-        Some("g/far")
-    );
-    assert!(
-        next_project(&mut far_s, Duration::from_secs(2))
-            .await
-            .is_none(),
-        "once"
-    );
+    assert_eq!(next_project(&mut far_s, Duration::from_secs(20)).await.as_deref(), Some("g/far"));
+    assert!(next_project(&mut far_s, Duration::from_secs(2)).await.is_none(), "once");
     assert!(next_project(&mut near_s, QUIET).await.is_none());
-    let ready = eventually(SOON, || async {
-        a.client
-            .get(a.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 200
-    })
-    .await;
+    let ready =
+        eventually(SOON, || async { a.client.get(a.url("/readyz")).send().await.unwrap().status() == 200 }).await;
     assert!(ready, "ready again");
     // And fan-out works again.
     assert_eq!(a.push(1, "g/far", 0).await.status(), 202);
-    assert_eq!(
-        next_project(&mut far_s, SOON).await.as_deref(),
-        Some("g/far")
-    );
+    assert_eq!(next_project(&mut far_s, SOON).await.as_deref(), Some("g/far"));
     a.stop().await;
     b.stop().await;
     db.cleanup().await;
@@ -220,10 +156,7 @@ async fn dead_replica_agents_reconnect_elsewhere_and_replay() {
     let agent = TestAgent::connect(doomed.agent, &token).await;
     let mut stream = agent.open(&["g/app"]).await.unwrap();
     assert_eq!(survivor.push(1, "g/app", 0).await.status(), 202);
-    assert_eq!(
-        next_project(&mut stream, SOON).await.as_deref(),
-        Some("g/app")
-    );
+    assert_eq!(next_project(&mut stream, SOON).await.as_deref(), Some("g/app"));
     let on_doomed = || async {
         let body: serde_json::Value = survivor
             .client
@@ -235,24 +168,12 @@ async fn dead_replica_agents_reconnect_elsewhere_and_replay() {
             .json()
             .await
             .unwrap();
-        body["connections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["replica"] == "doomed")
+        body["connections"].as_array().unwrap().iter().any(|c| c["replica"] == "doomed")
     };
-    assert!(
-        eventually(SOON, on_doomed).await,
-        "listed on the doomed replica"
-    );
+    assert!(eventually(SOON, on_doomed).await, "listed on the doomed replica");
 
     doomed.kill();
-    assert!(
-        tokio::time::timeout(SOON, stream.message())
-            .await
-            .expect("stream breaks")
-            .is_err()
-    );
+    assert!(tokio::time::timeout(SOON, stream.message()).await.expect("stream breaks").is_err());
     // Pushed while the agent has no replica.
     assert_eq!(survivor.push(1, "g/app", 0).await.status(), 202);
     // The agent reconnects through the load balancer, to the survivor, and is replayed the push.
@@ -285,16 +206,8 @@ async fn fan_out_through_a_redis_cluster() {
     assert_eq!(sorted(drain(&mut s, QUIET).await), ["g/c", "g/pub"]);
     assert_eq!(drain(&mut bs, QUIET).await, ["g/pub"]);
     let listed = eventually(SOON, || async {
-        let body: serde_json::Value = a
-            .client
-            .get(a.url("/agents"))
-            .bearer_auth(&a.webhook_secret)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body: serde_json::Value =
+            a.client.get(a.url("/agents")).bearer_auth(&a.webhook_secret).send().await.unwrap().json().await.unwrap();
         body["connections"].as_array().map(|c| c.len()) == Some(2)
     })
     .await;
@@ -316,15 +229,7 @@ async fn fan_out_through_sentinel() {
     let mut s = agent.open(&["g/s"]).await.unwrap();
     assert_eq!(a.push(1, "g/s", 0).await.status(), 202);
     assert_eq!(drain(&mut s, QUIET).await, ["g/s"]);
-    let ready: serde_json::Value = a
-        .client
-        .get(a.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = a.client.get(a.url("/readyz")).send().await.unwrap().json().await.unwrap();
     assert_eq!(ready["checks"]["redis"], "ok");
     a.stop().await;
     b.stop().await;

@@ -14,19 +14,8 @@ async fn health_readiness_metrics(db: TestDb) {
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["checks"]["database"], "ok");
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("kas_webhooks_total") || metrics.contains("kas_events_recorded_total"),
-        "{metrics}"
-    );
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("kas_webhooks_total") || metrics.contains("kas_events_recorded_total"), "{metrics}");
     assert!(metrics.contains("# EOF"));
     app.stop().await;
 }
@@ -43,11 +32,7 @@ async fn readyz_reports_postgres_failure() {
         let r = app.client.get(app.url("/readyz")).send().await.unwrap();
         let status = r.status();
         let body: serde_json::Value = r.json().await.unwrap();
-        status == 503
-            && body["checks"]["database"]
-                .as_str()
-                .unwrap()
-                .starts_with("failing")
+        status == 503 && body["checks"]["database"].as_str().unwrap().starts_with("failing")
     })
     .await;
     assert!(failing, "readyz must name the database as failing");
@@ -60,8 +45,7 @@ async fn readyz_reports_postgres_failure() {
 async fn tls_on_every_listener() {
     crate::support::init();
     let db = TestDb::sqlite();
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let (cert_path, key_path) = (db.data_dir().join("tls.crt"), db.data_dir().join("tls.key"));
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
@@ -70,11 +54,7 @@ async fn tls_on_every_listener() {
         .tls_certs_only([reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap()])
         .build()
         .unwrap();
-    let r = client
-        .get(format!("https://localhost:{}/healthz", app.http.port()))
-        .send()
-        .await
-        .unwrap();
+    let r = client.get(format!("https://localhost:{}/healthz", app.http.port())).send().await.unwrap();
     assert_eq!(r.status(), 200);
     // Plain HTTP on a TLS listener gets nowhere.
     assert!(app.client.get(app.url("/healthz")).send().await.is_err());
@@ -87,15 +67,7 @@ fn refuses_a_gitlab_secret_that_is_not_32_bytes() {
     let secret = db.data_dir().join("gitlab-secret");
     std::fs::write(&secret, "c2hvcnQ=").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_kas"))
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--agent-addr",
-            "127.0.0.1:0",
-            "--api-addr",
-            "127.0.0.1:0",
-        ])
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--agent-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0"])
         .env("KAS_DATA_DIR", db.data_dir())
         .env("KAS_GITLAB_SECRET_FILE", &secret)
         .output()
@@ -110,15 +82,7 @@ fn refuses_a_gitlab_secret_that_is_not_32_bytes() {
 fn sigterm_stops_the_binary_cleanly() {
     let db = TestDb::sqlite();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kas"))
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--agent-addr",
-            "127.0.0.1:0",
-            "--api-addr",
-            "127.0.0.1:0",
-        ])
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--agent-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0"])
         .env("KAS_DATA_DIR", db.data_dir())
         .env("KAS_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
@@ -136,13 +100,7 @@ fn sigterm_stops_the_binary_cleanly() {
     let health = reqwest::blocking_get(&format!("http://{http}/healthz"));
     assert_eq!(health, 200);
     let started = std::time::Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -155,8 +113,6 @@ mod reqwest {
 
     /// A GET from a synchronous test, on a throwaway runtime; returns the status code.
     pub fn blocking_get(url: &str) -> u16 {
-        tokio::runtime::Runtime::new()
-            .unwrap()
-            .block_on(async { ::reqwest::get(url).await.unwrap().status().as_u16() })
+        tokio::runtime::Runtime::new().unwrap().block_on(async { ::reqwest::get(url).await.unwrap().status().as_u16() })
     }
 }

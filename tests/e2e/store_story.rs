@@ -1,9 +1,6 @@
 //! One story both storage backends must tell the same way.
 
-use kas::domain::{
-    AgentName, AgentToken, ProjectInfo, ProjectPath, PushEvent, PushKind, RepositoryAccess,
-    Visibility,
-};
+use kas::domain::{AgentName, AgentToken, ProjectInfo, ProjectPath, PushEvent, PushKind, RepositoryAccess, Visibility};
 use kas::store::{DeliveryPosition, NewPush, PushSource, RecordOutcome, StoreError};
 
 use crate::support::TestDb;
@@ -35,96 +32,37 @@ pub fn push(key: &str, id: i64, p: &str, visibility: Option<Visibility>, at: i64
 pub async fn registry_story(db: TestDb) {
     let store = db.open_store().await;
     let t1 = AgentToken::generate();
-    let (a, first) = store
-        .create_agent(&name("alpha"), &path("g/config"), &t1.digest(), 1000)
-        .await
-        .unwrap();
+    let (a, first) = store.create_agent(&name("alpha"), &path("g/config"), &t1.digest(), Some("flux: {}\n"), 1000).await.unwrap();
     assert_eq!(first.agent_id, a.id);
     // Same name in the same configuration project: refused. In another project: fine.
-    let err = store
-        .create_agent(
-            &name("alpha"),
-            &path("g/config"),
-            &AgentToken::generate().digest(),
-            1,
-        )
-        .await
-        .unwrap_err();
+    let err =
+        store.create_agent(&name("alpha"), &path("g/config"), &AgentToken::generate().digest(), None, 1).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
-    let (b, _) = store
-        .create_agent(
-            &name("alpha"),
-            &path("other/config"),
-            &AgentToken::generate().digest(),
-            2,
-        )
-        .await
-        .unwrap();
+    let (b, _) =
+        store.create_agent(&name("alpha"), &path("other/config"), &AgentToken::generate().digest(), None, 2).await.unwrap();
     assert_eq!(store.agents_named(&name("alpha")).await.unwrap().len(), 2);
-    assert_eq!(
-        store
-            .list_agents()
-            .await
-            .unwrap()
-            .iter()
-            .map(|x| x.id)
-            .collect::<Vec<_>>(),
-        vec![a.id, b.id]
-    );
+    assert_eq!(store.list_agents().await.unwrap().iter().map(|x| x.id).collect::<Vec<_>>(), vec![a.id, b.id]);
 
     // Authentication records use and finds the agent; an unknown token finds nothing.
-    let auth = store
-        .authenticate(&t1.digest(), 5000)
-        .await
-        .unwrap()
-        .unwrap();
+    let auth = store.authenticate(&t1.digest(), 5000).await.unwrap().unwrap();
     assert_eq!(auth.agent, a);
     assert_eq!(auth.token_id, first.id);
-    assert!(
-        store
-            .authenticate(&AgentToken::generate().digest(), 1)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    assert_eq!(
-        store.list_tokens(a.id).await.unwrap()[0].last_used_at,
-        Some(5000)
-    );
+    assert!(store.authenticate(&AgentToken::generate().digest(), 1).await.unwrap().is_none());
+    assert_eq!(store.list_tokens(a.id).await.unwrap()[0].last_used_at, Some(5000));
 
     // At most two active tokens; revoking one makes room, and the revoked one stops working.
     let t2 = AgentToken::generate();
     let second = store.create_token(a.id, &t2.digest(), 6000).await.unwrap();
-    let err = store
-        .create_token(a.id, &AgentToken::generate().digest(), 7000)
-        .await
-        .unwrap_err();
+    let err = store.create_token(a.id, &AgentToken::generate().digest(), 7000).await.unwrap_err();
     assert!(matches!(err, StoreError::Limit(_)), "{err:?}");
     let revoked = store.revoke_token(first.id, 8000).await.unwrap().unwrap();
     assert_eq!(revoked.revoked_at, Some(8000));
-    assert!(
-        store
-            .authenticate(&t1.digest(), 9000)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    assert_eq!(
-        store
-            .active_tokens(&[first.id, second.id, 999_999])
-            .await
-            .unwrap(),
-        vec![second.id]
-    );
-    store
-        .create_token(a.id, &AgentToken::generate().digest(), 9000)
-        .await
-        .unwrap();
+    assert!(store.authenticate(&t1.digest(), 9000).await.unwrap().is_none());
+    assert_eq!(store.active_tokens(&[first.id, second.id, 999_999]).await.unwrap(), vec![second.id]);
+    store.create_token(a.id, &AgentToken::generate().digest(), 9000).await.unwrap();
     assert!(store.revoke_token(999_999, 1).await.unwrap().is_none());
     assert!(matches!(
-        store
-            .create_token(999_999, &AgentToken::generate().digest(), 1)
-            .await,
+        store.create_token(999_999, &AgentToken::generate().digest(), 1).await,
         Err(StoreError::NotFound(_))
     ));
 
@@ -136,27 +74,26 @@ pub async fn registry_story(db: TestDb) {
         repository_access: RepositoryAccess::Members,
     };
     store.set_project(&info, 1).await.unwrap();
-    assert_eq!(
-        store.project_by_path(&path("g/app")).await.unwrap(),
-        Some(info.clone())
-    );
-    store
-        .set_project(
-            &ProjectInfo {
-                path: path("g/renamed"),
-                ..info.clone()
-            },
-            2,
-        )
-        .await
-        .unwrap();
-    assert!(
-        store
-            .project_by_path(&path("g/app"))
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert_eq!(store.project_by_path(&path("g/app")).await.unwrap(), Some(info.clone()));
+    store.set_project(&ProjectInfo { path: path("g/renamed"), ..info.clone() }, 2).await.unwrap();
+    assert!(store.project_by_path(&path("g/app")).await.unwrap().is_none());
+
+    // Configuration files: stored with the agent, replaced with a new version each time.
+    assert_eq!(store.agent_config(a.id).await.unwrap(), Some((Some("flux: {}\n".into()), 1)));
+    assert_eq!(store.agent_config(b.id).await.unwrap(), Some((None, 0)));
+    assert_eq!(store.set_agent_config(b.id, Some("observability: {}\n")).await.unwrap(), 1);
+    assert_eq!(store.set_agent_config(b.id, None).await.unwrap(), 2);
+    assert_eq!(store.agent_config(b.id).await.unwrap(), Some((None, 2)));
+    let mut versions = store.config_versions(&[a.id, b.id, 999]).await.unwrap();
+    versions.sort();
+    assert_eq!(versions, vec![(a.id, 1), (b.id, 2)]);
+    assert!(matches!(store.set_agent_config(999, None).await, Err(StoreError::NotFound(_))));
+    assert!(store.agent_config(999).await.unwrap().is_none());
+    // The configuration project's id comes from the project registry once it knows the path.
+    assert_eq!(a.config_project_id, None);
+    let config_project = ProjectInfo { id: 55, path: path("g/config"), visibility: Some(Visibility::Private), repository_access: RepositoryAccess::Everyone };
+    store.set_project(&config_project, 3).await.unwrap();
+    assert_eq!(store.agent(a.id).await.unwrap().unwrap().config_project_id, Some(55));
 
     // Deleting an agent takes its tokens with it.
     assert!(store.delete_agent(a.id).await.unwrap());
@@ -179,41 +116,22 @@ async fn event_log_story(db: TestDb) {
         ])
         .await
         .unwrap();
-    let RecordOutcome::Recorded(n1) = &out[0] else {
-        panic!("{out:?}")
-    };
-    let RecordOutcome::Recorded(n2) = &out[1] else {
-        panic!("{out:?}")
-    };
+    let RecordOutcome::Recorded(n1) = &out[0] else { panic!("{out:?}") };
+    let RecordOutcome::Recorded(n2) = &out[1] else { panic!("{out:?}") };
     assert_eq!(out[2], RecordOutcome::Duplicate);
-    assert!(
-        n1.world_readable,
-        "public + default repository access is world readable"
-    );
+    assert!(n1.world_readable, "public + default repository access is world readable");
     assert!(!n2.world_readable);
     assert!(n2.seq > n1.seq);
     // A redelivery in a later batch is a duplicate too.
     assert_eq!(
-        store
-            .record_pushes(&[push("k2", 2, "g/private", None, 200)])
-            .await
-            .unwrap(),
+        store.record_pushes(&[push("k2", 2, "g/private", None, 200)]).await.unwrap(),
         vec![RecordOutcome::Duplicate]
     );
     // The push refreshed the registry; a push without visibility keeps what is known.
-    let p = store
-        .project_by_path(&path("g/public"))
-        .await
-        .unwrap()
-        .unwrap();
+    let p = store.project_by_path(&path("g/public")).await.unwrap().unwrap();
     assert_eq!((p.id, p.visibility), (1, Some(Visibility::Public)));
-    let out = store
-        .record_pushes(&[push("k3", 1, "g/public", None, 300)])
-        .await
-        .unwrap();
-    let RecordOutcome::Recorded(n3) = &out[0] else {
-        panic!()
-    };
+    let out = store.record_pushes(&[push("k3", 1, "g/public", None, 300)]).await.unwrap();
+    let RecordOutcome::Recorded(n3) = &out[0] else { panic!() };
     assert!(n3.world_readable);
     // Members-only repository: not world readable, and the push must not reset that.
     store
@@ -228,72 +146,29 @@ async fn event_log_story(db: TestDb) {
         )
         .await
         .unwrap();
-    let out = store
-        .record_pushes(&[push("k4", 1, "g/public", Some(Visibility::Public), 400)])
-        .await
-        .unwrap();
-    let RecordOutcome::Recorded(n4) = &out[0] else {
-        panic!()
-    };
+    let out = store.record_pushes(&[push("k4", 1, "g/public", Some(Visibility::Public), 400)]).await.unwrap();
+    let RecordOutcome::Recorded(n4) = &out[0] else { panic!() };
     assert!(!n4.world_readable);
     assert_eq!(
-        store
-            .project_by_path(&path("g/public"))
-            .await
-            .unwrap()
-            .unwrap()
-            .repository_access,
+        store.project_by_path(&path("g/public")).await.unwrap().unwrap().repository_access,
         RepositoryAccess::Members
     );
 
     // Outbox: claims are exclusive while leased, published events are not claimed again.
     let claimed = store.claim_unpublished(250, 1000, 5000, 10).await.unwrap();
-    assert_eq!(
-        claimed.iter().map(|n| n.seq).collect::<Vec<_>>(),
-        vec![n1.seq, n2.seq]
-    );
-    assert!(
-        store
-            .claim_unpublished(250, 1001, 5000, 10)
-            .await
-            .unwrap()
-            .is_empty(),
-        "leased"
-    );
+    assert_eq!(claimed.iter().map(|n| n.seq).collect::<Vec<_>>(), vec![n1.seq, n2.seq]);
+    assert!(store.claim_unpublished(250, 1001, 5000, 10).await.unwrap().is_empty(), "leased");
     let again = store.claim_unpublished(250, 7000, 5000, 10).await.unwrap();
     assert_eq!(again.len(), 2, "an expired lease is claimable again");
     store.mark_published(&[n1.seq, n2.seq], 7001).await.unwrap();
-    assert!(
-        store
-            .claim_unpublished(10_000, 20_000, 5000, 10)
-            .await
-            .unwrap()
-            .iter()
-            .all(|n| n.seq > n2.seq)
-    );
+    assert!(store.claim_unpublished(10_000, 20_000, 5000, 10).await.unwrap().iter().all(|n| n.seq > n2.seq));
 
     // Replay reads: after a sequence number, or within the overlap, never before the window.
-    let since = store
-        .pushes_since(n2.seq, i64::MAX, 0, &[], 100)
-        .await
-        .unwrap();
-    assert_eq!(
-        since.iter().map(|n| n.seq).collect::<Vec<_>>(),
-        vec![n3.seq, n4.seq]
-    );
+    let since = store.pushes_since(n2.seq, i64::MAX, 0, &[], 100).await.unwrap();
+    assert_eq!(since.iter().map(|n| n.seq).collect::<Vec<_>>(), vec![n3.seq, n4.seq]);
     let overlap = store.pushes_since(n4.seq, 300, 0, &[], 100).await.unwrap();
-    assert_eq!(
-        overlap.iter().map(|n| n.seq).collect::<Vec<_>>(),
-        vec![n3.seq, n4.seq]
-    );
-    assert!(
-        store
-            .pushes_since(0, i64::MAX, 350, &[], 100)
-            .await
-            .unwrap()
-            .iter()
-            .all(|n| n.seq == n4.seq)
-    );
+    assert_eq!(overlap.iter().map(|n| n.seq).collect::<Vec<_>>(), vec![n3.seq, n4.seq]);
+    assert!(store.pushes_since(0, i64::MAX, 350, &[], 100).await.unwrap().iter().all(|n| n.seq == n4.seq));
     // Filtered by project.
     assert!(
         store
@@ -303,28 +178,14 @@ async fn event_log_story(db: TestDb) {
             .iter()
             .all(|n| n.project_path.as_str() == "g/private")
     );
-    assert_eq!(
-        store
-            .pushes_since(0, i64::MAX, 0, &["g/none".into(), "g/private".into()], 100)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(store.pushes_since(0, i64::MAX, 0, &["g/none".into(), "g/private".into()], 100).await.unwrap().len(), 1);
     // Visibility is read as the registry says now.
     assert!(since.iter().all(|n| !n.world_readable));
 
     let logged = store.recent_pushes(10).await.unwrap();
     assert_eq!(logged.len(), 4);
     assert_eq!(logged[0].seq, n4.seq);
-    assert_eq!(
-        logged
-            .iter()
-            .find(|l| l.seq == n1.seq)
-            .unwrap()
-            .published_at,
-        Some(7001)
-    );
+    assert_eq!(logged.iter().find(|l| l.seq == n1.seq).unwrap().published_at, Some(7001));
     assert_eq!(store.last_seq().await.unwrap(), n4.seq);
 
     // Retention.
@@ -334,18 +195,9 @@ async fn event_log_story(db: TestDb) {
 
     // Positions.
     assert!(store.load_position(42).await.unwrap().is_none());
-    store
-        .save_position(42, DeliveryPosition { seq: 5, at: 10 })
-        .await
-        .unwrap();
-    store
-        .save_position(42, DeliveryPosition { seq: 9, at: 20 })
-        .await
-        .unwrap();
-    assert_eq!(
-        store.load_position(42).await.unwrap(),
-        Some(DeliveryPosition { seq: 9, at: 20 })
-    );
+    store.save_position(42, DeliveryPosition { seq: 5, at: 10 }).await.unwrap();
+    store.save_position(42, DeliveryPosition { seq: 9, at: 20 }).await.unwrap();
+    assert_eq!(store.load_position(42).await.unwrap(), Some(DeliveryPosition { seq: 9, at: 20 }));
     store.close().await;
 }
 crate::both_backends!(event_log, event_log_story);
@@ -353,15 +205,7 @@ crate::both_backends!(event_log, event_log_story);
 async fn large_batch_story(db: TestDb) {
     let store = db.open_store().await;
     let batch: Vec<_> = (0..500)
-        .map(|i| {
-            push(
-                &format!("key-{i}"),
-                1 + i % 7,
-                &format!("g/p{}", i % 7),
-                Some(Visibility::Internal),
-                i,
-            )
-        })
+        .map(|i| push(&format!("key-{i}"), 1 + i % 7, &format!("g/p{}", i % 7), Some(Visibility::Internal), i))
         .collect();
     let out = store.record_pushes(&batch).await.unwrap();
     let seqs: Vec<i64> = out

@@ -18,39 +18,19 @@ async fn webhook_reaches_watching_agent(db: TestDb) {
     let agent = TestAgent::connect(app.agent, &token).await;
     let mut stream = agent.open(&["team/config"]).await.unwrap();
     assert_eq!(app.push(1, "team/config", 0).await.status(), 202);
-    assert_eq!(
-        next_project(&mut stream, SOON).await.as_deref(),
-        Some("team/config")
-    );
+    assert_eq!(next_project(&mut stream, SOON).await.as_deref(), Some("team/config"));
     // Pushes in sequence arrive in sequence.
     let (_, orderly_token) = app.create_agent("orderly", "team/config").await;
     let orderly = TestAgent::connect(app.agent, &orderly_token).await;
-    let mut in_order = orderly
-        .open(&["team/config", "team/a", "team/b"])
-        .await
-        .unwrap();
+    let mut in_order = orderly.open(&["team/config", "team/a", "team/b"]).await.unwrap();
     for (id, p) in [(2, "team/a"), (3, "team/b"), (1, "team/config")] {
         app.push(id, p, 20).await;
         assert_eq!(next_project(&mut in_order, SOON).await.as_deref(), Some(p));
     }
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("kas_streams_open{name=\"reconcile_projects\"} 2"),
-        "{metrics}"
-    );
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("kas_streams_open{name=\"reconcile_projects\"} 2"), "{metrics}");
     assert!(metrics.contains("kas_connected_agents 2"), "{metrics}");
-    assert!(
-        metrics.contains("kas_intake_to_send_seconds_count"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("kas_intake_to_send_seconds_count"), "{metrics}");
     app.stop().await;
 }
 crate::both_backends!(delivery, webhook_reaches_watching_agent);
@@ -64,24 +44,15 @@ async fn access_rule_end_to_end(db: TestDb) {
     let (_, own_token) = app.create_agent("own", "g/private-app").await;
     let (_, internal_token) = app.create_agent("internal-owner", "g/internal-app").await;
     let (_, other_token) = app.create_agent("other", "elsewhere/config").await;
-    let every = [
-        "g/private-app",
-        "g/internal-app",
-        "g/public-app",
-        "g/public-members",
-        "elsewhere/config",
-        "never/seen",
-    ];
+    let every =
+        ["g/private-app", "g/internal-app", "g/public-app", "g/public-members", "elsewhere/config", "never/seen"];
     let members_only = ProjectInfo {
         id: 4,
         path: ProjectPath::parse("g/public-members").unwrap(),
         visibility: Some(Visibility::Public),
         repository_access: RepositoryAccess::Members,
     };
-    app.store
-        .set_project(&members_only, now_ms())
-        .await
-        .unwrap();
+    app.store.set_project(&members_only, now_ms()).await.unwrap();
     let own = TestAgent::connect(app.agent, &own_token).await;
     let internal = TestAgent::connect(app.agent, &internal_token).await;
     let other = TestAgent::connect(app.agent, &other_token).await;
@@ -89,12 +60,9 @@ async fn access_rule_end_to_end(db: TestDb) {
     let mut internal_s = internal.open(&every).await.unwrap();
     let mut other_s = other.open(&every).await.unwrap();
 
-    for (id, path, level) in [
-        (1, "g/private-app", 0),
-        (2, "g/internal-app", 10),
-        (3, "g/public-app", 20),
-        (4, "g/public-members", 20),
-    ] {
+    for (id, path, level) in
+        [(1, "g/private-app", 0), (2, "g/internal-app", 10), (3, "g/public-app", 20), (4, "g/public-members", 20)]
+    {
         assert_eq!(app.push(id, path, level).await.status(), 202);
     }
     // GitLab's own door carries no visibility: a project kas never saw is private.
@@ -105,14 +73,8 @@ async fn access_rule_end_to_end(db: TestDb) {
         v.sort();
         v
     };
-    assert_eq!(
-        sorted(drain(&mut own_s, QUIET).await),
-        ["g/private-app", "g/public-app"]
-    );
-    assert_eq!(
-        sorted(drain(&mut internal_s, QUIET).await),
-        ["g/internal-app", "g/public-app"]
-    );
+    assert_eq!(sorted(drain(&mut own_s, QUIET).await), ["g/private-app", "g/public-app"]);
+    assert_eq!(sorted(drain(&mut internal_s, QUIET).await), ["g/internal-app", "g/public-app"]);
     assert_eq!(drain(&mut other_s, QUIET).await, ["g/public-app"]);
 
     // A project that turns private stops reaching other agents at once.
@@ -121,16 +83,9 @@ async fn access_rule_end_to_end(db: TestDb) {
     assert_eq!(drain(&mut other_s, QUIET).await, Vec::<String>::new());
     // A push to the private project through GitLab's door reaches its own agent only.
     crate::intake::send_git_push(&mut rails, 1, "g/private-app").await;
-    assert_eq!(
-        next_project(&mut own_s, SOON).await.as_deref(),
-        Some("g/private-app")
-    );
+    assert_eq!(next_project(&mut own_s, SOON).await.as_deref(), Some("g/private-app"));
     assert!(next_project(&mut other_s, QUIET).await.is_none());
-    assert!(
-        next_project(&mut internal_s, Duration::from_millis(50))
-            .await
-            .is_none()
-    );
+    assert!(next_project(&mut internal_s, Duration::from_millis(50)).await.is_none());
     app.stop().await;
 }
 crate::both_backends!(access_rule, access_rule_end_to_end);
@@ -166,12 +121,7 @@ async fn burst_is_coalesced_and_slow_agent_does_not_slow_others() {
     let fast_reader = async {
         let mut got = 0;
         while got < 4 {
-            assert_eq!(
-                next_project(&mut fast_s, Duration::from_secs(20))
-                    .await
-                    .as_deref(),
-                Some("g/other")
-            );
+            assert_eq!(next_project(&mut fast_s, Duration::from_secs(20)).await.as_deref(), Some("g/other"));
             got += 1;
         }
     };
@@ -179,33 +129,14 @@ async fn burst_is_coalesced_and_slow_agent_does_not_slow_others() {
     assert_eq!(app.logged().await, 10_004);
     let got = drain(&mut slow_s, QUIET).await;
     assert!(!got.is_empty() && got.iter().all(|p| p == "g/hot"));
-    assert!(
-        got.len() < 200,
-        "10,000 pushes became {} messages",
-        got.len()
-    );
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let coalesced: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("kas_notifications_coalesced_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    assert!(got.len() < 200, "10,000 pushes became {} messages", got.len());
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let coalesced: u64 =
+        metrics.lines().find_map(|l| l.strip_prefix("kas_notifications_coalesced_total ")).unwrap().parse().unwrap();
     assert!(coalesced >= 9_000, "coalesced {coalesced}");
     // Not stuck: the next push still arrives.
     crate::intake::send_git_push(&mut rails, 1, "g/hot").await;
-    assert_eq!(
-        next_project(&mut slow_s, SOON).await.as_deref(),
-        Some("g/hot")
-    );
+    assert_eq!(next_project(&mut slow_s, SOON).await.as_deref(), Some("g/hot"));
     app.stop().await;
 }
 
@@ -217,16 +148,7 @@ async fn replay_after_disconnect(db: TestDb) {
     // Away: the stream and its connection close; the server saves the position.
     drop(stream);
     drop(agent);
-    assert!(
-        eventually(SOON, || async {
-            app.store
-                .load_position(agent_rec.id)
-                .await
-                .unwrap()
-                .is_some()
-        })
-        .await
-    );
+    assert!(eventually(SOON, || async { app.store.load_position(agent_rec.id).await.unwrap().is_some() }).await);
     for _ in 0..50 {
         app.push(2, "g/app", 20).await;
     }
@@ -240,21 +162,14 @@ async fn replay_after_disconnect(db: TestDb) {
     assert_eq!(got, ["g/app", "g/config"]);
     // Live delivery continues after the replay.
     app.push(2, "g/app", 20).await;
-    assert_eq!(
-        next_project(&mut stream, SOON).await.as_deref(),
-        Some("g/app")
-    );
+    assert_eq!(next_project(&mut stream, SOON).await.as_deref(), Some("g/app"));
     // A later reconnect that missed nothing gets nothing… beyond the overlap it documents:
     // events from the last two minutes before the position was saved are sent again.
     drop(stream);
     drop(agent);
     let agent = TestAgent::connect(app.agent, &token).await;
     let mut again = agent.open(&["g/config"]).await.unwrap();
-    assert_eq!(
-        drain(&mut again, QUIET).await,
-        ["g/config"],
-        "overlap re-sends, at least once"
-    );
+    assert_eq!(drain(&mut again, QUIET).await, ["g/config"], "overlap re-sends, at least once");
     app.stop().await;
 }
 crate::both_backends!(replay, replay_after_disconnect);
@@ -267,12 +182,7 @@ async fn no_replay_beyond_the_window() {
     let agent = TestAgent::connect(app.agent, &token).await;
     drop(agent.open(&["g/config"]).await.unwrap());
     drop(agent);
-    assert!(
-        eventually(SOON, || async {
-            app.store.load_position(rec.id).await.unwrap().is_some()
-        })
-        .await
-    );
+    assert!(eventually(SOON, || async { app.store.load_position(rec.id).await.unwrap().is_some() }).await);
     app.push(1, "g/config", 0).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let agent = TestAgent::connect(app.agent, &token).await;
@@ -289,22 +199,14 @@ async fn replay_survives_a_restart_of_the_single_replica() {
     let agent = TestAgent::connect(app.agent, &token).await;
     drop(agent.open(&["g/config"]).await.unwrap());
     drop(agent);
-    assert!(
-        eventually(SOON, || async {
-            app.store.load_position(rec.id).await.unwrap().is_some()
-        })
-        .await
-    );
+    assert!(eventually(SOON, || async { app.store.load_position(rec.id).await.unwrap().is_some() }).await);
     app.push(1, "g/config", 0).await;
     app.stop().await;
     // A new process: the in-memory engine starts empty, the database copy of the position remains.
     let app = TestApp::spawn(&db, |_| {}).await;
     let agent = TestAgent::connect(app.agent, &token).await;
     let mut stream = agent.open(&["g/config"]).await.unwrap();
-    assert_eq!(
-        next_project(&mut stream, SOON).await.as_deref(),
-        Some("g/config")
-    );
+    assert_eq!(next_project(&mut stream, SOON).await.as_deref(), Some("g/config"));
     app.stop().await;
 }
 
@@ -319,36 +221,23 @@ async fn tokens_are_checked_before_anything_is_sent() {
         assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad:?}");
     }
     // Missing metadata altogether.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.agent))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", app.agent)).unwrap().connect().await.unwrap();
     let mut raw = kas::proto::flux::rpc::git_lab_flux_client::GitLabFluxClient::new(channel);
-    let err = raw
-        .reconcile_projects(kas::proto::flux::rpc::ReconcileProjectsRequest { project: vec![] })
-        .await
-        .unwrap_err();
+    let err =
+        raw.reconcile_projects(kas::proto::flux::rpc::ReconcileProjectsRequest { project: vec![] }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     // Empty project id.
     let agent = TestAgent::connect(app.agent, &token).await;
-    assert_eq!(
-        agent.open(&["g/config", ""]).await.unwrap_err().code(),
-        tonic::Code::InvalidArgument
-    );
+    assert_eq!(agent.open(&["g/config", ""]).await.unwrap_err().code(), tonic::Code::InvalidArgument);
 
     // Revoked while the stream is open: the stream closes within seconds.
     let mut stream = agent.open(&["g/config"]).await.unwrap();
     let token_id = app.store.list_tokens(rec.id).await.unwrap()[0].id;
     app.store.revoke_token(token_id, now_ms()).await.unwrap();
-    let ended = tokio::time::timeout(SOON, stream.message())
-        .await
-        .expect("closed within seconds");
+    let ended = tokio::time::timeout(SOON, stream.message()).await.expect("closed within seconds");
     assert_eq!(ended.unwrap_err().code(), tonic::Code::Unauthenticated);
-    assert_eq!(
-        agent.open(&["g/config"]).await.unwrap_err().code(),
-        tonic::Code::Unauthenticated
-    );
+    assert_eq!(agent.open(&["g/config"]).await.unwrap_err().code(), tonic::Code::Unauthenticated);
     app.stop().await;
 }
 
@@ -361,15 +250,10 @@ async fn graceful_shutdown_ends_streams_cleanly() {
     let mut stream = agent.open(&["g/config"]).await.unwrap();
     let stopping = tokio::spawn(app.stop());
     // OK, the end agentk answers by reopening at once (on another replica).
-    let end = tokio::time::timeout(SOON, stream.message())
-        .await
-        .expect("stream ends promptly");
+    let end = tokio::time::timeout(SOON, stream.message()).await.expect("stream ends promptly");
     assert!(matches!(end, Ok(None)), "clean end, got {end:?}");
     let took = stopping.await.unwrap();
-    assert!(
-        took < Duration::from_secs(5),
-        "shutdown did not wait for the grace period: {took:?}"
-    );
+    assert!(took < Duration::from_secs(5), "shutdown did not wait for the grace period: {took:?}");
 }
 
 #[tokio::test]
@@ -380,12 +264,7 @@ async fn kas_watch_prints_notifications() {
     let token_file = db.data_dir().join("token");
     std::fs::write(&token_file, &token).unwrap();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kas"))
-        .args([
-            "watch",
-            "--addr",
-            &format!("http://{}", app.agent),
-            "--token-file",
-        ])
+        .args(["watch", "--addr", &format!("http://{}", app.agent), "--token-file"])
         .arg(&token_file)
         .args(["--count", "1", "g/config"])
         .stdout(std::process::Stdio::piped())
@@ -395,17 +274,12 @@ async fn kas_watch_prints_notifications() {
     // The stream is open once the hub counts it.
     assert!(
         eventually(SOON, || async {
-            app.metrics_text()
-                .await
-                .contains("kas_streams_open{name=\"reconcile_projects\"} 1")
+            app.metrics_text().await.contains("kas_streams_open{name=\"reconcile_projects\"} 1")
         })
         .await
     );
     app.push(1, "g/config", 0).await;
-    let out = tokio::time::timeout(SOON, child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = tokio::time::timeout(SOON, child.wait_with_output()).await.unwrap().unwrap();
     assert!(out.status.success());
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["project"], "g/config");

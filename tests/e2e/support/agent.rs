@@ -17,15 +17,8 @@ pub struct TestAgent {
 impl TestAgent {
     /// Connects to the agent listener at `addr` with its own HTTP/2 connection.
     pub async fn connect(addr: SocketAddr, token: &str) -> TestAgent {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        TestAgent {
-            token: token.to_owned(),
-            channel,
-        }
+        let channel = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        TestAgent { token: token.to_owned(), channel }
     }
 
     /// Connects with a tiny HTTP/2 stream window, so an agent that does not read blocks the
@@ -38,43 +31,22 @@ impl TestAgent {
             .connect()
             .await
             .unwrap();
-        TestAgent {
-            token: token.to_owned(),
-            channel,
-        }
+        TestAgent { token: token.to_owned(), channel }
     }
 
     /// Opens ReconcileProjects for `projects`.
-    pub async fn open(
-        &self,
-        projects: &[&str],
-    ) -> Result<Streaming<ReconcileProjectsResponse>, tonic::Status> {
-        let mut client =
-            GitLabFluxClient::new(self.channel.clone()).send_compressed(CompressionEncoding::Gzip);
+    pub async fn open(&self, projects: &[&str]) -> Result<Streaming<ReconcileProjectsResponse>, tonic::Status> {
+        let mut client = GitLabFluxClient::new(self.channel.clone()).send_compressed(CompressionEncoding::Gzip);
         let mut request = tonic::Request::new(ReconcileProjectsRequest {
-            project: projects
-                .iter()
-                .map(|p| Project {
-                    id: (*p).to_owned(),
-                })
-                .collect(),
+            project: projects.iter().map(|p| Project { id: (*p).to_owned() }).collect(),
         });
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", self.token).parse().unwrap(),
-        );
-        client
-            .reconcile_projects(request)
-            .await
-            .map(|r| r.into_inner())
+        request.metadata_mut().insert("authorization", format!("Bearer {}", self.token).parse().unwrap());
+        client.reconcile_projects(request).await.map(|r| r.into_inner())
     }
 }
 
 /// The next notified project within `within`; `None` on timeout; panics on a stream error.
-pub async fn next_project(
-    stream: &mut Streaming<ReconcileProjectsResponse>,
-    within: Duration,
-) -> Option<String> {
+pub async fn next_project(stream: &mut Streaming<ReconcileProjectsResponse>, within: Duration) -> Option<String> {
     match tokio::time::timeout(within, stream.message()).await {
         Err(_) => None,
         Ok(Ok(Some(r))) => {
@@ -88,10 +60,7 @@ pub async fn next_project(
 }
 
 /// Every project notified until `quiet` passes without one.
-pub async fn drain(
-    stream: &mut Streaming<ReconcileProjectsResponse>,
-    quiet: Duration,
-) -> Vec<String> {
+pub async fn drain(stream: &mut Streaming<ReconcileProjectsResponse>, quiet: Duration) -> Vec<String> {
     let mut got = Vec::new();
     while let Some(p) = next_project(stream, quiet).await {
         got.push(p);

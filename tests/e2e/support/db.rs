@@ -23,17 +23,13 @@ enum Kind {
 }
 
 fn postgres_server() -> String {
-    std::env::var("KAS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("KAS_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 impl TestDb {
     /// A SQLite database file in a new temporary directory.
     pub fn sqlite() -> Self {
-        TestDb {
-            kind: Kind::Sqlite,
-            dir: Arc::new(tempfile::tempdir().unwrap()),
-        }
+        TestDb { kind: Kind::Sqlite, dir: Arc::new(tempfile::tempdir().unwrap()) }
     }
 
     /// A new, empty PostgreSQL database.
@@ -43,15 +39,9 @@ impl TestDb {
         let mut conn = sqlx::PgConnection::connect(&format!("{server}/postgres"))
             .await
             .expect("PostgreSQL on 127.0.0.1:5432 (see .ci/run)");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
         conn.close().await.unwrap();
-        TestDb {
-            kind: Kind::Postgres { server, name },
-            dir: Arc::new(tempfile::tempdir().unwrap()),
-        }
+        TestDb { kind: Kind::Postgres { server, name }, dir: Arc::new(tempfile::tempdir().unwrap()) }
     }
 
     /// The database URL kas is given.
@@ -74,10 +64,7 @@ impl TestDb {
 
     /// Opens and migrates a store on this database.
     pub async fn open_store(&self) -> Arc<dyn Store> {
-        let config = StoreConfig {
-            database_url: Secret::new(self.url()),
-            data_dir: self.data_dir(),
-        };
+        let config = StoreConfig { database_url: Secret::new(self.url()), data_dir: self.data_dir() };
         let store = kas::store::open(&config).await.unwrap();
         store.migrate().await.unwrap();
         store
@@ -89,11 +76,9 @@ impl TestDb {
         if let Kind::Postgres { server, name } = &self.kind
             && let Ok(mut conn) = sqlx::PgConnection::connect(&format!("{server}/postgres")).await
         {
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-            )))
-            .execute(&mut conn)
-            .await;
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                .execute(&mut conn)
+                .await;
             let _ = conn.close().await;
         }
     }

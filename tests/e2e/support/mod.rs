@@ -96,10 +96,7 @@ impl TestApp {
         let task = tokio::spawn(kas::serve(config, listeners, async move {
             let _ = rx.await;
         }));
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .build()
-            .unwrap();
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
         // Wait until the server answers, so tests never race its start.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -108,21 +105,12 @@ impl TestApp {
             {
                 break;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "server did not start"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "server did not start");
             assert!(!task.is_finished(), "server exited during start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let secret_path = secret_file.unwrap_or_else(|| data_dir.join("webhook-secret"));
-        let webhook_secret = std::fs::read_to_string(&secret_path)
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap()
-            .trim()
-            .to_owned();
+        let webhook_secret = std::fs::read_to_string(&secret_path).unwrap().lines().next().unwrap().trim().to_owned();
         let store = db.open_store().await;
         TestApp {
             http,
@@ -167,10 +155,7 @@ impl TestApp {
         }));
         // With TLS the plain health probe cannot be used; the port accepting is enough.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let webhook_secret = std::fs::read_to_string(db.data_dir().join("webhook-secret"))
-            .unwrap()
-            .trim()
-            .to_owned();
+        let webhook_secret = std::fs::read_to_string(db.data_dir().join("webhook-secret")).unwrap().trim().to_owned();
         let store = db.open_store().await;
         let client = reqwest::Client::new();
         TestApp {
@@ -189,14 +174,7 @@ impl TestApp {
 
     /// The Prometheus text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
-        self.client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
     }
 
     /// `http://<http listener><path>`.
@@ -213,6 +191,7 @@ impl TestApp {
                 &AgentName::parse(name).unwrap(),
                 &ProjectPath::parse(config_project).unwrap(),
                 &token.digest(),
+                None,
                 now_ms(),
             )
             .await
@@ -255,11 +234,7 @@ pub fn rand_suffix() -> String {
 
 /// A fixture from `tests/fixtures/`.
 pub fn fixture(name: &str) -> String {
-    std::fs::read_to_string(format!(
-        "{}/tests/fixtures/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
+    std::fs::read_to_string(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
 }
 
 /// Polls `check` every 20 ms until it returns true or `within` passes.

@@ -17,21 +17,13 @@ impl ProcessReplica {
     /// Starts `kas serve` on port-0 listeners against `db`, with extra environment.
     pub fn spawn(db: &TestDb, env: &[(&str, String)]) -> ProcessReplica {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kas"));
-        cmd.args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--agent-addr",
-            "127.0.0.1:0",
-            "--api-addr",
-            "127.0.0.1:0",
-        ])
-        .env("KAS_DATABASE_URL", db.url())
-        .env("KAS_DATA_DIR", db.data_dir())
-        .env("KAS_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .env_remove("KAS_CONFIG")
-        .stderr(Stdio::piped());
+        cmd.args(["serve", "--http-addr", "127.0.0.1:0", "--agent-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0"])
+            .env("KAS_DATABASE_URL", db.url())
+            .env("KAS_DATA_DIR", db.data_dir())
+            .env("KAS_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .env_remove("KAS_CONFIG")
+            .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -41,10 +33,7 @@ impl ProcessReplica {
             let line = lines.next().expect("replica logs before exiting").unwrap();
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if v["message"] == "kas is serving" {
-                break (
-                    v["http"].as_str().unwrap().parse().unwrap(),
-                    v["agent"].as_str().unwrap().parse().unwrap(),
-                );
+                break (v["http"].as_str().unwrap().parse().unwrap(), v["agent"].as_str().unwrap().parse().unwrap());
             }
         };
         // Keep draining the logs so the replica never blocks on a full pipe.

@@ -22,11 +22,7 @@ pub async fn cleanup(prefix: &str) {
         return;
     };
     let pattern = format!("{{{prefix}}}:*");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(&pattern)
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.unwrap_or_default();
     if !keys.is_empty() {
         let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
     }
@@ -34,11 +30,7 @@ pub async fn cleanup(prefix: &str) {
 
 /// A free loopback port (bound and released; good enough for tests on one machine).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A `redis-server` process of this test's own.
@@ -59,12 +51,7 @@ impl PrivateRedis {
     pub async fn start_with(port: u16, extra: &[&str]) -> PrivateRedis {
         let dir = tempfile::tempdir().unwrap();
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let mut r = PrivateRedis {
-            port,
-            dir,
-            args,
-            child: None,
-        };
+        let mut r = PrivateRedis { port, dir, args, child: None };
         r.resume().await;
         r
     }
@@ -85,16 +72,7 @@ impl PrivateRedis {
     /// Starts it again on the same port.
     pub async fn resume(&mut self) {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .args(&self.args)
@@ -122,10 +100,7 @@ async fn wait_for_ping(port: u16) {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     for _ in 0..100 {
         if let Ok(mut c) = client.get_multiplexed_async_connection().await
-            && redis::cmd("PING")
-                .query_async::<String>(&mut c)
-                .await
-                .is_ok()
+            && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
         {
             return;
         }
@@ -148,43 +123,25 @@ impl PrivateCluster {
             nodes.push(
                 PrivateRedis::start_with(
                     port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        &conf,
-                        "--cluster-node-timeout",
-                        "2000",
-                    ],
+                    &["--cluster-enabled", "yes", "--cluster-config-file", &conf, "--cluster-node-timeout", "2000"],
                 )
                 .await,
             );
         }
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .output()
             .expect("redis-cli");
-        assert!(
-            out.status.success(),
-            "cluster create: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
         for n in &nodes {
             let client = redis::Client::open(n.url()).unwrap();
             let mut ok = false;
             for _ in 0..100 {
                 let mut c = client.get_multiplexed_async_connection().await.unwrap();
-                let info: String = redis::cmd("CLUSTER")
-                    .arg("INFO")
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await.unwrap();
                 if info.contains("cluster_state:ok") {
                     ok = true;
                     break;
@@ -198,11 +155,7 @@ impl PrivateCluster {
 
     /// `redis+cluster://127.0.0.1:a,127.0.0.1:b,127.0.0.1:c`.
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
+        let hosts: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         format!("redis+cluster://{}", hosts.join(","))
     }
 }
@@ -231,12 +184,7 @@ impl PrivateSentinel {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server --sentinel");
-        let sentinel = PrivateRedis {
-            port,
-            dir,
-            args: Vec::new(),
-            child: Some(child),
-        };
+        let sentinel = PrivateRedis { port, dir, args: Vec::new(), child: Some(child) };
         wait_for_ping(port).await;
         PrivateSentinel { primary, sentinel }
     }
