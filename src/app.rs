@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::agentcfg::watch::ConfigWatch;
 use crate::config::Config;
 use crate::delivery::Hub;
 use crate::engine::Engine;
@@ -36,6 +37,8 @@ pub struct App {
     pub directory: Arc<dyn AgentDirectory>,
     /// This replica's open agent streams.
     pub hub: Arc<Hub>,
+    /// Tells configuration streams about changes.
+    pub config_watch: Arc<ConfigWatch>,
     /// What `/readyz` reports besides the database.
     pub readiness: Readiness,
     /// Cancelled when the server starts shutting down.

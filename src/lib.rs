@@ -27,5 +27,6 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod websocket;
 
 pub use server::{Listeners, ServeError, serve};

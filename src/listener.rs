@@ -3,8 +3,10 @@
 //! which the connection is asked to go away so agents spread over the replicas again.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +36,9 @@ pub struct ConnectionInfo {
     /// Cancelled when the connection is being closed (shutdown or max age): long streams end
     /// with OK so the agent reopens them at once on another connection.
     pub closing: CancellationToken,
+    /// When the connection reaches its maximum age (jitter applied); `None` for no limit.
+    /// Connections upgraded to WebSocket outlive the HTTP/1.1 exchange and honour it themselves.
+    pub max_age_at: Option<tokio::time::Instant>,
 }
 
 /// How one listener treats its connections.
@@ -108,7 +113,8 @@ pub fn spawn<M, S, B>(
             };
             let _ = stream.set_nodelay(true);
             let closing = shutdown.child_token();
-            let info = ConnectionInfo { remote, closing: closing.clone() };
+            let max_age_at = settings.max_age.map(|age| tokio::time::Instant::now() + jitter(age));
+            let info = ConnectionInfo { remote, closing: closing.clone(), max_age_at };
             let service = make_service(info.clone());
             let builder = builder.clone();
             let settings = settings.clone();
@@ -172,24 +178,39 @@ async fn drive<I, S, B>(
     TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
 {
     tokio::pin!(conn);
+    hold_open(conn, info, settings.name, |c| c.graceful_shutdown()).await;
+}
+
+/// Drives a connection until it ends, or until shutdown or its maximum age: then it is asked to
+/// go away (`graceful`, which sends GOAWAY) and, shortly after, its long streams are told to end
+/// with OK, and it is driven until it finishes.
+pub(crate) async fn hold_open<F, O, E>(
+    mut conn: Pin<&mut F>,
+    info: &ConnectionInfo,
+    name: &'static str,
+    graceful: impl FnOnce(Pin<&mut F>),
+) where
+    F: Future<Output = Result<O, E>>,
+    E: std::fmt::Display,
+{
     let max_age = async {
-        match settings.max_age {
-            Some(age) => tokio::time::sleep(jitter(age)).await,
+        match info.max_age_at {
+            Some(at) => tokio::time::sleep_until(at).await,
             None => std::future::pending().await,
         }
     };
     let reason = tokio::select! {
         result = conn.as_mut() => {
             if let Err(e) = result {
-                tracing::debug!(listener = settings.name, remote = %info.remote, error = %e, "connection ended with an error");
+                tracing::debug!(listener = name, remote = %info.remote, error = %e, "connection ended with an error");
             }
             return;
         }
         _ = info.closing.cancelled() => "shutdown",
         _ = max_age => "max connection age",
     };
-    tracing::debug!(listener = settings.name, remote = %info.remote, reason, "closing connection");
-    conn.as_mut().graceful_shutdown();
+    tracing::debug!(listener = name, remote = %info.remote, reason, "closing connection");
+    graceful(conn.as_mut());
     let closing = info.closing.clone();
     let end_streams = async move {
         tokio::time::sleep(GOAWAY_HEAD_START).await;

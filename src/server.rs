@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::agentcfg::watch::ConfigWatch;
 use crate::app::{App, Readiness};
 use crate::config::Config;
 use crate::delivery::{Hub, HubConfig};
@@ -19,6 +20,10 @@ use crate::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
 use crate::secrets::{SecretError, Secrets};
 use crate::store::{self, StoreError};
+use crate::websocket::WithWebSocket;
+
+/// How often each replica checks whether a watched agent's configuration changed.
+const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The three bound listeners; binding is the caller's job so tests can use port 0.
 pub struct Listeners {
@@ -119,6 +124,13 @@ pub async fn serve(
         Outbox::start(store.clone(), engine.clone(), local, metrics.clone(), config.event_retention);
     let writers = if config.store.database_url.expose().starts_with("sqlite:") { 1 } else { 4 };
     let intake = Intake::start(store.clone(), outbox.clone(), metrics.clone(), writers);
+    let config_watch = ConfigWatch::new(store.clone(), CONFIG_POLL);
+    config_watch.start(token.clone());
+    if config.gitlab_external_url.is_none() {
+        tracing::warn!(
+            "KAS_GITLAB_EXTERNAL_URL is not set: agents get an empty gitlab_external_url, so Flux never gets Receivers for GitLab's repositories"
+        );
+    }
     let gitlab_jwt = secrets.gitlab_jwt_key.as_ref().map(|k| GitLabJwt::new(k.expose()));
     let app = Arc::new(App {
         store,
@@ -128,6 +140,7 @@ pub async fn serve(
         engine,
         directory,
         hub,
+        config_watch,
         secrets,
         readiness: Readiness::default(),
         shutdown: token.clone(),
@@ -145,7 +158,7 @@ pub async fn serve(
         token.clone(),
         connections.clone(),
     );
-    let agent_routes = crate::grpc::agent_routes(app.clone());
+    let agent_routes = WithWebSocket::new(crate::grpc::agent_routes(app.clone()));
     listener::spawn(
         listeners.agent,
         ListenerSettings { name: "agent", tls: tls.clone(), max_age: Some(app.config.max_connection_age) },

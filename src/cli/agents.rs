@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use super::{CliError, format_time, io};
-use crate::engine::ConnectionRecord;
+use crate::engine::{ConnectionRecord, PodRecord};
 
 /// Arguments of `kas agents`.
 #[derive(Debug, clap::Args)]
@@ -22,6 +22,8 @@ pub struct AgentsArgs {
 #[derive(serde::Deserialize)]
 struct Answer {
     connections: Vec<ConnectionRecord>,
+    #[serde(default)]
+    pods: Vec<PodRecord>,
 }
 
 /// Runs `kas agents`.
@@ -44,9 +46,12 @@ pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), 
     }
     let answer: Answer = response.json().await.map_err(|e| CliError::Other(format!("{url}: {e}")))?;
     if args.json {
-        let text = serde_json::to_string_pretty(&answer.connections).expect("serializable");
+        let text =
+            serde_json::to_string_pretty(&serde_json::json!({"connections": answer.connections, "pods": answer.pods}))
+                .expect("serializable");
         return writeln!(out, "{text}").map_err(io);
     }
+    writeln!(out, "STREAMS").map_err(io)?;
     writeln!(out, "{:<8} {:<24} {:<20} {:<20} {:<9} CONNECTED", "AGENT", "NAME", "RPC", "REPLICA", "PROJECTS")
         .map_err(io)?;
     for c in answer.connections {
@@ -59,6 +64,23 @@ pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), 
             c.replica,
             c.projects,
             format_time(c.connected_at)
+        )
+        .map_err(io)?;
+    }
+    writeln!(out, "\nREGISTERED PODS").map_err(io)?;
+    writeln!(out, "{:<8} {:<20} {:<40} {:<12} {:<20} CONNECTED", "AGENT", "POD ID", "POD", "VERSION", "REPLICA")
+        .map_err(io)?;
+    for p in answer.pods {
+        let pod = format!("{}/{}", p.meta.pod_namespace, p.meta.pod_name);
+        writeln!(
+            out,
+            "{:<8} {:<20} {:<40} {:<12} {:<20} {}",
+            p.agent_id,
+            p.pod_id,
+            pod,
+            p.meta.version,
+            p.replica,
+            format_time(p.connected_at)
         )
         .map_err(io)?;
     }

@@ -54,6 +54,21 @@ pub(super) struct StreamShared {
     pub saved_seq: AtomicI64,
 }
 
+/// Watches one credential for the lifetime of a non-ReconcileProjects stream; `revoked` fires
+/// when the credential stops working. Dropping it stops the watch.
+pub struct CredentialGuard {
+    hub: Arc<Hub>,
+    id: u64,
+    /// Cancelled when the credential is revoked.
+    pub revoked: CancellationToken,
+}
+
+impl Drop for CredentialGuard {
+    fn drop(&mut self) {
+        self.hub.watched.lock().expect("watched lock").remove(&self.id);
+    }
+}
+
 /// Every open stream of this replica, indexed by project path.
 pub struct Hub {
     index: RwLock<HashMap<Arc<str>, Vec<Arc<StreamShared>>>>,
@@ -63,6 +78,8 @@ pub struct Hub {
     /// Highest sequence number handed to the index so far.
     max_seq: AtomicI64,
     seen: Mutex<Seen>,
+    /// Credentials of other long streams (configuration, tunnel), re-checked like the streams'.
+    watched: Mutex<HashMap<u64, (i64, CancellationToken)>>,
     pub(super) directory: Arc<dyn AgentDirectory>,
     pub(super) store: Arc<dyn Store>,
     pub(super) engine: Arc<dyn Engine>,
@@ -86,6 +103,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             max_seq: AtomicI64::new(0),
             seen: Mutex::default(),
+            watched: Mutex::default(),
             directory,
             store,
             engine,
@@ -349,10 +367,13 @@ impl Hub {
 
     async fn recheck_credentials(&self) {
         let streams: Vec<Arc<StreamShared>> = self.streams.lock().expect("streams lock").values().cloned().collect();
-        if streams.is_empty() {
+        let watched: Vec<(i64, CancellationToken)> =
+            self.watched.lock().expect("watched lock").values().cloned().collect();
+        let mut credentials: Vec<i64> =
+            streams.iter().map(|s| s.agent.credential).chain(watched.iter().map(|(c, _)| *c)).collect();
+        if credentials.is_empty() {
             return;
         }
-        let mut credentials: Vec<i64> = streams.iter().map(|s| s.agent.credential).collect();
         credentials.sort_unstable();
         credentials.dedup();
         let valid = match self.directory.still_valid(&credentials).await {
@@ -368,6 +389,17 @@ impl Hub {
                 s.revoked.cancel();
             }
         }
+        for (_, token) in watched.iter().filter(|(c, _)| !valid.contains(c)) {
+            token.cancel();
+        }
+    }
+
+    /// Watches `credential` until the guard is dropped.
+    pub fn watch_credential(self: &Arc<Self>, credential: i64) -> CredentialGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let revoked = CancellationToken::new();
+        self.watched.lock().expect("watched lock").insert(id, (credential, revoked.clone()));
+        CredentialGuard { hub: self.clone(), id, revoked }
     }
 
     /// Number of open streams.

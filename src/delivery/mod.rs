@@ -11,5 +11,5 @@ mod hub;
 mod pending;
 mod stream;
 
-pub use hub::{Hub, HubConfig};
+pub use hub::{CredentialGuard, Hub, HubConfig};
 pub use stream::{ReconcileStream, StreamEnd};

@@ -6,15 +6,16 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{ConnectionRecord, Engine, EngineContext, EngineError};
+use super::{ConnectionRecord, Engine, EngineContext, EngineError, PodFilter, PodRecord};
 use crate::domain::AgentId;
-use crate::store::{DeliveryPosition, PushNotice};
+use crate::store::{DeliveryPosition, PushNotice, now_ms};
 
 /// Engine for one replica without Redis.
 #[derive(Default)]
 pub struct MemoryEngine {
     positions: Mutex<HashMap<AgentId, DeliveryPosition>>,
     connections: Mutex<HashMap<String, ConnectionRecord>>,
+    pods: Mutex<HashMap<(AgentId, i64), PodRecord>>,
 }
 
 #[async_trait]
@@ -53,6 +54,34 @@ impl Engine for MemoryEngine {
     async fn connections(&self) -> Result<Vec<ConnectionRecord>, EngineError> {
         let mut all: Vec<_> = self.connections.lock().expect("connections lock").values().cloned().collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
+    }
+
+    async fn register_pod(&self, mut pod: PodRecord) {
+        let mut pods = self.pods.lock().expect("pods lock");
+        let now = now_ms();
+        pods.retain(|_, p| p.expires_at > now);
+        if let Some(existing) = pods.get(&(pod.agent_id, pod.pod_id)) {
+            pod.connected_at = existing.connected_at;
+        }
+        pods.insert((pod.agent_id, pod.pod_id), pod);
+    }
+
+    async fn unregister_pod(&self, agent: AgentId, pod_id: i64) {
+        self.pods.lock().expect("pods lock").remove(&(agent, pod_id));
+    }
+
+    async fn pods(&self, filter: PodFilter) -> Result<Vec<PodRecord>, EngineError> {
+        let now = now_ms();
+        let mut all: Vec<_> = self
+            .pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .filter(|p| p.expires_at > now && filter.matches(p))
+            .cloned()
+            .collect();
+        all.sort_by_key(|p| (p.agent_id, p.pod_id));
         Ok(all)
     }
 }

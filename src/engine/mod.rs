@@ -64,6 +64,67 @@ pub struct ConnectionRecord {
     pub projects: usize,
 }
 
+/// How long a registration lives without being refreshed: agentk registers every 5 minutes,
+/// so a pod that is gone disappears about two periods later.
+pub const REGISTRATION_TTL: Duration = Duration::from_secs(11 * 60);
+
+/// What an agent pod says about itself (`AgentMeta`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentMetaRecord {
+    /// agentk version.
+    pub version: String,
+    /// agentk commit.
+    pub commit_id: String,
+    /// Pod namespace.
+    pub pod_namespace: String,
+    /// Pod name.
+    pub pod_name: String,
+    /// Kubernetes version: major, minor, git version, platform.
+    pub kubernetes_version: Option<[String; 4]>,
+}
+
+/// A registered agent pod (`AgentRegistrar/Register`, or a configuration stream that asked to
+/// be registered). Registrations expire on their own after `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRecord {
+    /// Agent id.
+    pub agent_id: AgentId,
+    /// Configuration project id (0 when unknown).
+    pub project_id: i64,
+    /// The pod's connection id.
+    pub pod_id: i64,
+    /// What the pod says about itself.
+    pub meta: AgentMetaRecord,
+    /// Unix milliseconds of the first registration.
+    pub connected_at: i64,
+    /// Replica that took the registration.
+    pub replica: String,
+    /// Unix milliseconds after which the registration is gone.
+    pub expires_at: i64,
+}
+
+/// Which registrations to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodFilter {
+    /// One agent's pods.
+    Agent(AgentId),
+    /// Pods of the agents of one configuration project.
+    Project(i64),
+    /// Every pod.
+    All,
+}
+
+impl PodFilter {
+    /// Whether `pod` is selected.
+    pub fn matches(&self, pod: &PodRecord) -> bool {
+        match *self {
+            Self::Agent(id) => pod.agent_id == id,
+            Self::Project(id) => pod.project_id == id,
+            Self::All => true,
+        }
+    }
+}
+
 /// What an engine's background tasks need.
 pub struct EngineContext {
     /// This replica's delivery, fed with other replicas' events.
@@ -99,4 +160,11 @@ pub trait Engine: Send + Sync + 'static {
     async fn connection_closed(&self, id: &str);
     /// Every open stream on every live replica.
     async fn connections(&self) -> Result<Vec<ConnectionRecord>, EngineError>;
+    /// Records (or refreshes) a pod registration, keeping the first `connected_at`; best effort:
+    /// a registration that cannot reach Redis is written by the next heartbeat.
+    async fn register_pod(&self, pod: PodRecord);
+    /// Forgets a registration.
+    async fn unregister_pod(&self, agent: AgentId, pod_id: i64);
+    /// Live registrations.
+    async fn pods(&self, filter: PodFilter) -> Result<Vec<PodRecord>, EngineError>;
 }

@@ -29,7 +29,7 @@ use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServer
 use redis::{AsyncConnectionConfig, Client, FromRedisValue, Pipeline, RedisConnectionInfo};
 use serde::{Deserialize, Serialize};
 
-use super::{ConnectionRecord, Engine, EngineContext, EngineError};
+use super::{ConnectionRecord, Engine, EngineContext, EngineError, PodFilter, PodRecord};
 use crate::domain::{AgentId, ProjectPath};
 use crate::metrics::Metrics;
 use crate::store::{DeliveryPosition, PushNotice, now_ms};
@@ -205,6 +205,15 @@ impl Keys {
     fn connections(&self, replica: &str) -> String {
         format!("{}:conns:{replica}", self.prefix)
     }
+    fn agent_pods(&self, agent: AgentId) -> String {
+        format!("{}:pods:agent:{agent}", self.prefix)
+    }
+    fn project_agents(&self, project: i64) -> String {
+        format!("{}:pods:project:{project}", self.prefix)
+    }
+    fn pod_agents(&self) -> String {
+        format!("{}:pods:agents", self.prefix)
+    }
 }
 
 /// What travels on the channel.
@@ -226,6 +235,8 @@ pub struct RedisEngine {
     replica: String,
     position_ttl: Duration,
     local_connections: Mutex<HashMap<String, ConnectionRecord>>,
+    /// Registrations taken by this replica, rewritten by the heartbeat after a Redis failure.
+    local_pods: Mutex<HashMap<(AgentId, i64), PodRecord>>,
     subscribed: AtomicBool,
     /// False after a failed operation until the next success: hot paths (stream open, position
     /// load) skip Redis meanwhile instead of waiting on it; the heartbeat keeps probing.
@@ -252,6 +263,7 @@ impl RedisEngine {
             // Positions outlive the window they serve, then expire on their own.
             position_ttl: (replay_window * 2).max(Duration::from_secs(3600)),
             local_connections: Mutex::default(),
+            local_pods: Mutex::default(),
             subscribed: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             rewrite_connections: AtomicBool::new(true),
@@ -486,7 +498,29 @@ impl RedisEngine {
         } else {
             pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
         }
+        if full {
+            let pods: Vec<PodRecord> = {
+                let mut local = self.local_pods.lock().expect("pods lock");
+                local.retain(|_, p| p.expires_at > now);
+                local.values().cloned().collect()
+            };
+            for pod in &pods {
+                self.write_pod(&mut pipe, pod);
+            }
+        }
         self.run::<()>(&pipe).await
+    }
+
+    fn write_pod(&self, pipe: &mut Pipeline, pod: &PodRecord) {
+        let ttl = ((pod.expires_at - now_ms()) / 1000).max(1);
+        let json = serde_json::to_string(pod).expect("serializable");
+        let agent_key = self.keys.agent_pods(pod.agent_id);
+        pipe.cmd("HSET").arg(&agent_key).arg(pod.pod_id).arg(json).ignore();
+        pipe.cmd("EXPIRE").arg(&agent_key).arg(ttl).ignore();
+        for set in [self.keys.project_agents(pod.project_id), self.keys.pod_agents()] {
+            pipe.cmd("SADD").arg(&set).arg(pod.agent_id).ignore();
+            pipe.cmd("EXPIRE").arg(&set).arg(ttl).ignore();
+        }
     }
 
     /// Fails fast while Redis is known to be failing (see `healthy`).
@@ -616,6 +650,74 @@ impl Engine for RedisEngine {
             tables.into_iter().flatten().filter_map(|json| serde_json::from_str(&json).ok()).collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(all)
+    }
+
+    async fn register_pod(&self, mut pod: PodRecord) {
+        let key = self.keys.agent_pods(pod.agent_id);
+        if self.available().is_ok() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("HGET").arg(&key).arg(pod.pod_id);
+            if let Ok((Some(existing),)) = self.run::<(Option<String>,)>(&pipe).await
+                && let Ok(existing) = serde_json::from_str::<PodRecord>(&existing)
+            {
+                pod.connected_at = existing.connected_at;
+            }
+        }
+        if let Some(existing) = self.local_pods.lock().expect("pods lock").get(&(pod.agent_id, pod.pod_id)) {
+            pod.connected_at = pod.connected_at.min(existing.connected_at);
+        }
+        self.local_pods.lock().expect("pods lock").insert((pod.agent_id, pod.pod_id), pod.clone());
+        let mut pipe = redis::pipe();
+        self.write_pod(&mut pipe, &pod);
+        if self.available().is_err() || self.run::<()>(&pipe).await.is_err() {
+            self.rewrite_connections.store(true, Ordering::Relaxed);
+        }
+    }
+
+    async fn unregister_pod(&self, agent: AgentId, pod_id: i64) {
+        self.local_pods.lock().expect("pods lock").remove(&(agent, pod_id));
+        let mut pipe = redis::pipe();
+        pipe.cmd("HDEL").arg(self.keys.agent_pods(agent)).arg(pod_id).ignore();
+        let _ = self.run::<()>(&pipe).await;
+    }
+
+    async fn pods(&self, filter: PodFilter) -> Result<Vec<PodRecord>, EngineError> {
+        let agents: Vec<String> = match filter {
+            PodFilter::Agent(id) => vec![id.to_string()],
+            PodFilter::Project(id) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("SMEMBERS").arg(self.keys.project_agents(id));
+                self.run::<(Vec<String>,)>(&pipe).await?.0
+            }
+            PodFilter::All => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("SMEMBERS").arg(self.keys.pod_agents());
+                self.run::<(Vec<String>,)>(&pipe).await?.0
+            }
+        };
+        let mut pods: Vec<PodRecord> = self.pods_of(&agents).await?.into_iter().filter(|p| filter.matches(p)).collect();
+        pods.sort_by_key(|p| (p.agent_id, p.pod_id));
+        Ok(pods)
+    }
+}
+
+impl RedisEngine {
+    async fn pods_of(&self, agents: &[String]) -> Result<Vec<PodRecord>, EngineError> {
+        if agents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for a in agents {
+            pipe.cmd("HVALS").arg(format!("{}:pods:agent:{a}", self.keys.prefix));
+        }
+        let tables: Vec<Vec<String>> = self.run(&pipe).await?;
+        let now = now_ms();
+        Ok(tables
+            .into_iter()
+            .flatten()
+            .filter_map(|json| serde_json::from_str::<PodRecord>(&json).ok())
+            .filter(|p| p.expires_at > now)
+            .collect())
     }
 }
 

@@ -5,12 +5,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use prometheus_client::metrics::gauge::Gauge;
 use tonic::{Request, Response, Status};
 
+use super::OpenGauge;
 use crate::app::App;
 use crate::delivery::{ReconcileStream, StreamEnd};
-use crate::listener::ConnectionInfo;
 use crate::proto::flux::rpc::git_lab_flux_server::GitLabFlux;
 use crate::proto::flux::rpc::{Project, ReconcileProjectsRequest, ReconcileProjectsResponse};
 
@@ -30,22 +29,6 @@ impl FluxService {
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ReconcileProjectsResponse, Status>> + Send>>;
-
-/// Keeps the open-streams gauge right however the stream ends.
-struct OpenGauge(Gauge);
-
-impl OpenGauge {
-    fn new(g: Gauge) -> Self {
-        g.inc();
-        Self(g)
-    }
-}
-
-impl Drop for OpenGauge {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
 
 /// Validates as agentk's server does: every project id must be non-empty. Ids are matched
 /// exactly against pushed full paths; one that is not a valid path simply never matches.
@@ -78,11 +61,7 @@ impl GitLabFlux for FluxService {
         let app = &self.app;
         let agent = super::authenticate_agent(app, request.metadata()).await?;
         let projects = validate(request.get_ref())?;
-        let closing = request
-            .extensions()
-            .get::<ConnectionInfo>()
-            .map(|c| c.closing.clone())
-            .unwrap_or_else(|| app.shutdown.child_token());
+        let closing = super::closing(app, request.extensions());
         tracing::info!(agent = agent.id, name = %agent.name, projects = projects.len(), "ReconcileProjects stream opened");
         let stream = app.hub.open(agent, projects, closing).await;
         let gauge = OpenGauge::new(app.metrics.streams("reconcile_projects"));

@@ -1,8 +1,12 @@
 //! The gRPC edges (tonic): the agent-facing services and the GitLab-facing ones. Domain and
 //! storage errors become gRPC status codes here and nowhere else.
 
+mod configuration;
 mod flux;
 mod notifications;
+mod registrar;
+mod tracker;
+mod tunnel;
 
 use std::sync::Arc;
 
@@ -14,18 +18,41 @@ use tonic::service::Routes;
 use crate::app::App;
 use crate::domain::AgentToken;
 use crate::identity::{AgentIdentity, IdentityError};
+use crate::proto::agent_configuration::rpc::agent_configuration_server::AgentConfigurationServer;
+use crate::proto::agent_registrar::rpc::agent_registrar_server::AgentRegistrarServer;
+use crate::proto::agent_tracker::rpc::agent_tracker_server::AgentTrackerServer;
 use crate::proto::flux::rpc::git_lab_flux_server::GitLabFluxServer;
+use crate::proto::gitlab_access::rpc::gitlab_access_server::GitlabAccessServer;
 use crate::proto::notifications::rpc::notifications_server::NotificationsServer;
+use crate::proto::reverse_tunnel::rpc::reverse_tunnel_server::ReverseTunnelServer;
 
 /// Largest message accepted from a client.
 const MAX_MESSAGE: usize = 4 << 20;
 
 /// Services on the agent listener.
 pub fn agent_routes(app: Arc<App>) -> axum::Router {
-    let flux = GitLabFluxServer::new(flux::FluxService::new(app))
+    let flux = GitLabFluxServer::new(flux::FluxService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(MAX_MESSAGE);
-    Routes::new(flux).prepare().into_axum_router()
+    let configuration = AgentConfigurationServer::new(configuration::ConfigurationService::new(app.clone()))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(MAX_MESSAGE);
+    let registrar = AgentRegistrarServer::new(registrar::RegistrarService::new(app.clone()))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(MAX_MESSAGE);
+    let tunnel = ReverseTunnelServer::new(tunnel::TunnelService::new(app.clone()))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(MAX_MESSAGE);
+    let access = GitlabAccessServer::new(tunnel::TunnelService::new(app))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(MAX_MESSAGE);
+    Routes::new(flux)
+        .add_service(configuration)
+        .add_service(registrar)
+        .add_service(tunnel)
+        .add_service(access)
+        .prepare()
+        .into_axum_router()
 }
 
 impl From<IdentityError> for Status {
@@ -57,10 +84,13 @@ pub(crate) async fn authenticate_agent(app: &App, metadata: &MetadataMap) -> Res
 
 /// Services on the GitLab-facing listener.
 pub fn api_routes(app: Arc<App>) -> axum::Router {
-    let notifications = NotificationsServer::new(notifications::NotificationsService::new(app))
+    let notifications = NotificationsServer::new(notifications::NotificationsService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(MAX_MESSAGE);
-    Routes::new(notifications).prepare().into_axum_router()
+    let tracker = AgentTrackerServer::new(tracker::TrackerService::new(app))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(MAX_MESSAGE);
+    Routes::new(notifications).add_service(tracker).prepare().into_axum_router()
 }
 
 /// The credential of `authorization: Bearer <credential>` (scheme case-insensitive).
@@ -117,4 +147,29 @@ mod tests {
             }
         }
     }
+}
+
+/// Keeps an open-streams gauge right however a stream ends.
+pub(crate) struct OpenGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenGauge {
+    pub(crate) fn new(g: prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The token that ends a long stream cleanly: the connection's (shutdown or maximum age), or
+/// the server's when the request did not come through a listener.
+pub(crate) fn closing(app: &App, extensions: &http::Extensions) -> tokio_util::sync::CancellationToken {
+    extensions
+        .get::<crate::listener::ConnectionInfo>()
+        .map(|c| c.closing.clone())
+        .unwrap_or_else(|| app.shutdown.child_token())
 }

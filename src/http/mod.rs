@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::app::App;
+use crate::engine::PodFilter;
 
 /// The axum router of the HTTP listener.
 pub fn router(app: Arc<App>) -> Router {
@@ -87,8 +88,11 @@ async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> 
         return (StatusCode::UNAUTHORIZED, Json(json!({"error": "Authorization: Bearer <webhook secret> required"})))
             .into_response();
     }
-    match app.engine.connections().await {
-        Ok(connections) => Json(json!({ "connections": connections })).into_response(),
+    let listed = async {
+        Ok::<_, crate::engine::EngineError>((app.engine.connections().await?, app.engine.pods(PodFilter::All).await?))
+    };
+    match listed.await {
+        Ok((connections, pods)) => Json(json!({ "connections": connections, "pods": pods })).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
     }
 }

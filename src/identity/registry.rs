@@ -34,7 +34,7 @@ impl AgentDirectory for RegistryDirectory {
             id: found.agent.id,
             name: found.agent.name.to_string(),
             config_project: found.agent.config_project.to_string(),
-            config_project_id: None,
+            config_project_id: found.agent.config_project_id,
             credential: found.token_id,
         })
     }

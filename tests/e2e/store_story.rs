@@ -32,14 +32,19 @@ pub fn push(key: &str, id: i64, p: &str, visibility: Option<Visibility>, at: i64
 pub async fn registry_story(db: TestDb) {
     let store = db.open_store().await;
     let t1 = AgentToken::generate();
-    let (a, first) = store.create_agent(&name("alpha"), &path("g/config"), &t1.digest(), Some("flux: {}\n"), 1000).await.unwrap();
+    let (a, first) =
+        store.create_agent(&name("alpha"), &path("g/config"), &t1.digest(), Some("flux: {}\n"), 1000).await.unwrap();
     assert_eq!(first.agent_id, a.id);
     // Same name in the same configuration project: refused. In another project: fine.
-    let err =
-        store.create_agent(&name("alpha"), &path("g/config"), &AgentToken::generate().digest(), None, 1).await.unwrap_err();
+    let err = store
+        .create_agent(&name("alpha"), &path("g/config"), &AgentToken::generate().digest(), None, 1)
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
-    let (b, _) =
-        store.create_agent(&name("alpha"), &path("other/config"), &AgentToken::generate().digest(), None, 2).await.unwrap();
+    let (b, _) = store
+        .create_agent(&name("alpha"), &path("other/config"), &AgentToken::generate().digest(), None, 2)
+        .await
+        .unwrap();
     assert_eq!(store.agents_named(&name("alpha")).await.unwrap().len(), 2);
     assert_eq!(store.list_agents().await.unwrap().iter().map(|x| x.id).collect::<Vec<_>>(), vec![a.id, b.id]);
 
@@ -91,7 +96,12 @@ pub async fn registry_story(db: TestDb) {
     assert!(store.agent_config(999).await.unwrap().is_none());
     // The configuration project's id comes from the project registry once it knows the path.
     assert_eq!(a.config_project_id, None);
-    let config_project = ProjectInfo { id: 55, path: path("g/config"), visibility: Some(Visibility::Private), repository_access: RepositoryAccess::Everyone };
+    let config_project = ProjectInfo {
+        id: 55,
+        path: path("g/config"),
+        visibility: Some(Visibility::Private),
+        repository_access: RepositoryAccess::Everyone,
+    };
     store.set_project(&config_project, 3).await.unwrap();
     assert_eq!(store.agent(a.id).await.unwrap().unwrap().config_project_id, Some(55));
 

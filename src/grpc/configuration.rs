@@ -1,0 +1,195 @@
+//! `AgentConfiguration/GetConfiguration`: agentk's Flux module starts only once this stream
+//! has delivered a configuration. Sent when the request's commit id differs, then again on every
+//! change, on every replica; the stream stays open until shutdown, maximum age or revocation.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::OpenGauge;
+use crate::agentcfg::{self, AgentConfigFile, LogLevel};
+use crate::app::App;
+use crate::engine::{AgentMetaRecord, PodRecord, REGISTRATION_TTL};
+use crate::identity::AgentIdentity;
+use crate::proto::agent_configuration::rpc::agent_configuration_server::AgentConfiguration;
+use crate::proto::agent_configuration::rpc::{ConfigurationRequest, ConfigurationResponse};
+use crate::proto::agentcfg::{self as cf, LogLevelEnum};
+use crate::proto::entity::AgentMeta;
+use crate::store::now_ms;
+
+/// How often a configuration stream that registered its pod refreshes the registration.
+const REGISTRATION_REFRESH: Duration = Duration::from_secs(4 * 60);
+
+/// The AgentConfiguration service.
+pub struct ConfigurationService {
+    app: Arc<App>,
+}
+
+impl ConfigurationService {
+    /// Serves with the shared state.
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<ConfigurationResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentConfiguration for ConfigurationService {
+    type GetConfigurationStream = ResponseStream;
+
+    async fn get_configuration(
+        &self,
+        request: Request<ConfigurationRequest>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let app = self.app.clone();
+        let agent = super::authenticate_agent(&app, request.metadata()).await?;
+        let closing = super::closing(&app, request.extensions());
+        let request = request.into_inner();
+        let (tx, rx) = mpsc::channel(1);
+        tracing::info!(agent = agent.id, name = %agent.name, "GetConfiguration stream opened");
+        tokio::spawn(serve(app, agent, request, closing, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Converts agentk's `AgentMeta` for the connection state.
+pub(crate) fn meta_record(meta: &AgentMeta) -> AgentMetaRecord {
+    AgentMetaRecord {
+        version: meta.version.clone(),
+        commit_id: meta.commit_id.clone(),
+        pod_namespace: meta.pod_namespace.clone(),
+        pod_name: meta.pod_name.clone(),
+        kubernetes_version: meta
+            .kubernetes_version
+            .as_ref()
+            .map(|k| [k.major.clone(), k.minor.clone(), k.git_version.clone(), k.platform.clone()]),
+    }
+}
+
+/// A registration record for `agent`'s pod.
+pub(crate) fn pod_record(app: &App, agent: &AgentIdentity, pod_id: i64, meta: &AgentMeta) -> PodRecord {
+    let now = now_ms();
+    PodRecord {
+        agent_id: agent.id,
+        project_id: agent.config_project_id.unwrap_or(0),
+        pod_id,
+        meta: meta_record(meta),
+        connected_at: now,
+        replica: app.config.replica_name.clone(),
+        expires_at: now + REGISTRATION_TTL.as_millis() as i64,
+    }
+}
+
+async fn serve(
+    app: Arc<App>,
+    agent: AgentIdentity,
+    request: ConfigurationRequest,
+    closing: tokio_util::sync::CancellationToken,
+    tx: mpsc::Sender<Result<ConfigurationResponse, Status>>,
+) {
+    let _gauge = OpenGauge::new(app.metrics.streams("get_configuration"));
+    let credential = app.hub.watch_credential(agent.credential);
+    // Registration on this stream, as upstream does when the agent does not register itself.
+    let registration = (!request.skip_register).then(|| {
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).expect("random source");
+        let pod_id = (i64::from_le_bytes(id) & i64::MAX).max(1);
+        (pod_id, request.agent_meta.clone().unwrap_or_default())
+    });
+    if let Some((pod_id, meta)) = &registration {
+        app.engine.register_pod(pod_record(&app, &agent, *pod_id, meta)).await;
+    }
+    let mut refresh =
+        tokio::time::interval_at(tokio::time::Instant::now() + REGISTRATION_REFRESH, REGISTRATION_REFRESH);
+    let mut last_sent = request.commit_id;
+    let mut subscription = None;
+    loop {
+        let loaded = match app.store.agent_config(agent.id).await {
+            Ok(Some(found)) => Ok(found),
+            Ok(None) => Err(Status::not_found("the agent no longer exists")),
+            Err(e) => Err(Status::unavailable(format!("cannot read the agent configuration: {e}"))),
+        };
+        let (text, version) = match loaded {
+            Ok(found) => found,
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                break;
+            }
+        };
+        let subscription = subscription.get_or_insert_with(|| app.config_watch.subscribe(agent.id, version));
+        match response(&app, &agent, text.as_deref().unwrap_or("")) {
+            Ok(response) if response.commit_id != last_sent => {
+                last_sent = response.commit_id.clone();
+                tracing::info!(agent = agent.id, commit = %last_sent, "configuration sent");
+                if tx.send(Ok(response)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                break;
+            }
+        }
+        let changed = loop {
+            tokio::select! {
+                changed = subscription.changes.changed() => break changed.is_ok(),
+                _ = closing.cancelled() => break false,
+                _ = credential.revoked.cancelled() => {
+                    let _ = tx.send(Err(Status::unauthenticated("agent token revoked"))).await;
+                    break false;
+                }
+                _ = tx.closed() => break false,
+                _ = refresh.tick() => {
+                    if let Some((pod_id, meta)) = &registration {
+                        app.engine.register_pod(pod_record(&app, &agent, *pod_id, meta)).await;
+                    }
+                }
+            }
+        };
+        if !changed {
+            break;
+        }
+    }
+    if let Some((pod_id, _)) = registration {
+        app.engine.unregister_pod(agent.id, pod_id).await;
+    }
+    // Dropping `tx` ends the stream with OK (unless an error was sent above).
+}
+
+fn level(l: LogLevel) -> i32 {
+    (match l {
+        LogLevel::Info => LogLevelEnum::Info,
+        LogLevel::Debug => LogLevelEnum::Debug,
+        LogLevel::Warn => LogLevelEnum::Warn,
+        LogLevel::Error => LogLevelEnum::Error,
+    }) as i32
+}
+
+/// What is sent: `flux` and `observability` from the file, plus what kas knows of the agent.
+fn response(app: &App, agent: &AgentIdentity, text: &str) -> Result<ConfigurationResponse, Status> {
+    let file = AgentConfigFile::parse(text).map_err(|e| Status::failed_precondition(e.to_string()))?;
+    let project_id = agent.config_project_id.unwrap_or(0);
+    let external_url = app.config.gitlab_external_url.clone().unwrap_or_default();
+    let configuration = cf::AgentConfiguration {
+        observability: file.observability.map(|o| cf::ObservabilityCf {
+            logging: o.logging.map(|l| cf::LoggingCf {
+                level: level(l.level.unwrap_or(LogLevel::Info)),
+                grpc_level: l.grpc_level.map(level),
+            }),
+        }),
+        agent_id: agent.id,
+        project_id,
+        project_path: agent.config_project.clone(),
+        flux: file.flux.map(|f| cf::FluxCf { webhook_receiver_url: f.webhook_receiver_url.unwrap_or_default() }),
+        gitlab_external_url: external_url.clone(),
+    };
+    let commit_id = agentcfg::commit_id(text, agent.id, project_id, &agent.config_project, &external_url);
+    Ok(ConfigurationResponse { configuration: Some(configuration), commit_id })
+}
