@@ -124,31 +124,6 @@ pub(crate) fn authorize_gitlab(app: &App, metadata: &MetadataMap) -> Result<(), 
     result
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_scheme_is_case_insensitive_and_required() {
-        let mut m = MetadataMap::new();
-        assert!(bearer(&m).is_err());
-        for (value, ok) in [
-            ("Bearer abc", true),
-            ("bearer abc", true),
-            ("BEARER  abc ", true),
-            ("Basic abc", false),
-            ("Bearer", false),
-            ("Bearer  ", false),
-        ] {
-            m.insert("authorization", value.parse().unwrap());
-            assert_eq!(bearer(&m).is_ok(), ok, "{value:?}");
-            if ok {
-                assert_eq!(bearer(&m).unwrap(), "abc");
-            }
-        }
-    }
-}
-
 /// Keeps an open-streams gauge right however a stream ends.
 pub(crate) struct OpenGauge(prometheus_client::metrics::gauge::Gauge);
 
@@ -172,4 +147,29 @@ pub(crate) fn closing(app: &App, extensions: &http::Extensions) -> tokio_util::s
         .get::<crate::listener::ConnectionInfo>()
         .map(|c| c.closing.clone())
         .unwrap_or_else(|| app.shutdown.child_token())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_required() {
+        let mut m = MetadataMap::new();
+        assert!(bearer(&m).is_err());
+        for (value, ok) in [
+            ("Bearer abc", true),
+            ("bearer abc", true),
+            ("BEARER  abc ", true),
+            ("Basic abc", false),
+            ("Bearer", false),
+            ("Bearer  ", false),
+        ] {
+            m.insert("authorization", value.parse().unwrap());
+            assert_eq!(bearer(&m).is_ok(), ok, "{value:?}");
+            if ok {
+                assert_eq!(bearer(&m).unwrap(), "abc");
+            }
+        }
+    }
 }

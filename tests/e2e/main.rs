@@ -2,6 +2,7 @@
 
 mod support;
 
+mod agentk;
 mod cli;
 mod intake;
 mod replicas;

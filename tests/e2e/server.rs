@@ -49,15 +49,24 @@ async fn tls_on_every_listener() {
     let (cert_path, key_path) = (db.data_dir().join("tls.crt"), db.data_dir().join("tls.key"));
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    let app = TestApp::spawn_tls(&db, &cert_path, &key_path).await;
-    let client = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap()])
-        .build()
-        .unwrap();
-    let r = client.get(format!("https://localhost:{}/healthz", app.http.port())).send().await.unwrap();
+    let app = TestApp::spawn(&db, |s| {
+        s.tls_cert_file = Some(cert_path.display().to_string());
+        s.tls_key_file = Some(key_path.display().to_string());
+    })
+    .await;
+    assert!(app.url("/healthz").starts_with("https://"));
+    let r = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     // Plain HTTP on a TLS listener gets nowhere.
-    assert!(app.client.get(app.url("/healthz")).send().await.is_err());
+    assert!(reqwest::Client::new().get(format!("http://{}/healthz", app.http)).send().await.is_err());
+    // The gRPC listeners speak TLS too.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem()))
+        .domain_name("localhost");
+    for addr in [app.agent, app.api] {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("https://localhost:{}", addr.port())).unwrap();
+        endpoint.tls_config(tls.clone()).unwrap().connect().await.expect("TLS gRPC connection");
+    }
     app.stop().await;
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod agentk;
 pub mod db;
 pub mod process;
 pub mod redis;
@@ -63,6 +64,8 @@ pub struct TestApp {
     pub data_dir: PathBuf,
     pub webhook_secret: String,
     pub client: reqwest::Client,
+    /// `http://<http listener>` or `https://localhost:<port>`.
+    pub base: String,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), kas::ServeError>>>,
 }
@@ -80,6 +83,7 @@ impl TestApp {
             ..Default::default()
         };
         tweak(&mut settings);
+        let settings_tls = settings.tls_cert_file.clone();
         let config = settings.resolve().expect("test settings resolve");
         let listeners = kas::Listeners {
             http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -96,11 +100,19 @@ impl TestApp {
         let task = tokio::spawn(kas::serve(config, listeners, async move {
             let _ = rx.await;
         }));
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+        // With TLS the client trusts the configured (self-signed) certificate and speaks https.
+        let tls_cert = settings_tls.as_ref().map(|p| std::fs::read(p).unwrap());
+        let mut client = reqwest::Client::builder().timeout(Duration::from_secs(15));
+        if let Some(pem) = &tls_cert {
+            client = client.tls_certs_only([reqwest::Certificate::from_pem(pem).unwrap()]);
+        }
+        let client = client.build().unwrap();
+        let base =
+            if tls_cert.is_some() { format!("https://localhost:{}", http.port()) } else { format!("http://{http}") };
         // Wait until the server answers, so tests never race its start.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = client.get(format!("http://{http}/healthz")).send().await
+            if let Ok(r) = client.get(format!("{base}/healthz")).send().await
                 && r.status().is_success()
             {
                 break;
@@ -121,52 +133,7 @@ impl TestApp {
             data_dir,
             webhook_secret,
             client,
-            shutdown: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    /// Starts kas with TLS on every listener.
-    pub async fn spawn_tls(db: &TestDb, cert: &std::path::Path, key: &std::path::Path) -> TestApp {
-        init();
-        let (cert, key) = (cert.display().to_string(), key.display().to_string());
-        let mut settings = Settings {
-            database_url: Some(db.url()),
-            data_dir: Some(db.data_dir().display().to_string()),
-            tls_cert_file: Some(cert),
-            tls_key_file: Some(key),
-            ..Default::default()
-        };
-        settings.shutdown_grace = Some("5s".into());
-        let config = settings.resolve().unwrap();
-        let listeners = kas::Listeners {
-            http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            agent: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            api: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        };
-        let (http, agent, api) = (
-            listeners.http.local_addr().unwrap(),
-            listeners.agent.local_addr().unwrap(),
-            listeners.api.local_addr().unwrap(),
-        );
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(kas::serve(config, listeners, async move {
-            let _ = rx.await;
-        }));
-        // With TLS the plain health probe cannot be used; the port accepting is enough.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let webhook_secret = std::fs::read_to_string(db.data_dir().join("webhook-secret")).unwrap().trim().to_owned();
-        let store = db.open_store().await;
-        let client = reqwest::Client::new();
-        TestApp {
-            http,
-            agent,
-            api,
-            store,
-            db: db.clone(),
-            data_dir: db.data_dir(),
-            webhook_secret,
-            client,
+            base,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -179,7 +146,7 @@ impl TestApp {
 
     /// `http://<http listener><path>`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.http, path)
+        format!("{}{}", self.base, path)
     }
 
     /// Registers an agent directly in the store and returns it with its token.
