@@ -177,12 +177,10 @@ async fn without_rewriting_h2_refuses_the_agentk_authority() {
     app.stop().await;
 }
 
-fn tracker(app: &TestApp) -> impl std::future::Future<Output = AgentTrackerClient<Channel>> + '_ {
-    async move {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", app.api)).unwrap().connect().await.unwrap();
-        AgentTrackerClient::new(channel)
-    }
+async fn tracker(app: &TestApp) -> AgentTrackerClient<Channel> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", app.api)).unwrap().connect().await.unwrap();
+    AgentTrackerClient::new(channel)
 }
 
 async fn connected(app: &TestApp, by: By) -> Vec<kas::proto::agent_tracker::ConnectedAgentInfo> {
