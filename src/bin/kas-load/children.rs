@@ -1,0 +1,44 @@
+//! What the child processes run: kas itself, or the bare axum handler that is the HTTP ceiling.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use kas::cli::{Cli, Command};
+
+/// `kas-load serve-child <kas serve flags…>`: kas on port-0 listeners; prints their addresses.
+pub async fn serve(args: Vec<String>) -> Result<(), String> {
+    kas::telemetry::init(kas::config::LogFormat::Text, "warn");
+    let mut full = vec!["kas".to_owned(), "serve".to_owned()];
+    full.extend(args);
+    let Command::Serve(settings) = Cli::try_parse_from(full).map_err(|e| e.to_string())?.command else {
+        return Err("expected serve flags".into());
+    };
+    let config = settings.resolve().map_err(|e| e.to_string())?;
+    let bind = || async { tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string()) };
+    let listeners = kas::Listeners { http: bind().await?, agent: bind().await?, api: bind().await? };
+    let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    println!(
+        "{}",
+        serde_json::json!({"http": addr(&listeners.http), "agent": addr(&listeners.agent), "api": addr(&listeners.api)})
+    );
+    kas::serve(config, listeners, terminated()).await.map_err(|e| e.to_string())
+}
+
+/// `kas-load axum-child`: `POST /webhooks/gitlab` reads the body and answers 202, nothing else.
+pub async fn bare_axum() -> Result<(), String> {
+    use axum::routing::post;
+    let app = axum::Router::new()
+        .route("/webhooks/gitlab", post(|_: axum::body::Bytes| async { axum::http::StatusCode::ACCEPTED }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("{}", serde_json::json!({"http": addr.to_string()}));
+    axum::serve(listener, app).with_graceful_shutdown(terminated()).await.map_err(|e| e.to_string())
+}
+
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
