@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `connect` constructor; clients are built from a Channel instead.
         .build_transport(false)
         .include_file("gitlab.rs")
+        // Small buffers: see src/grpc/codec.rs.
+        .codec_path("crate::grpc::codec::LeanCodec")
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -118,15 +118,35 @@ pub fn spawn<M, S, B>(
             let service = make_service(info.clone());
             let builder = builder.clone();
             let settings = settings.clone();
-            inner_tracker.spawn(async move {
-                serve_connection(stream, info, settings, builder, service).await;
-            });
+            // Plain and TLS connections are different futures: a task is as large as its future,
+            // so plain connections must not carry room for a TLS handshake and TLS state.
+            match settings.tls.clone() {
+                Some(acceptor) => inner_tracker.spawn(serve_tls(stream, acceptor, info, settings, builder, service)),
+                None => inner_tracker.spawn(serve_plain(stream, info, settings, builder, service)),
+            };
         }
         tracing::debug!(listener = settings.name, "stopped accepting");
     });
 }
 
-async fn serve_connection<S, B>(
+/// Adds the connection's `ConnectionInfo` to every request.
+fn with_info<S, B>(
+    service: S,
+    info: ConnectionInfo,
+) -> TowerToHyperService<
+    impl Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible, Future = impl Send> + Clone,
+>
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    TowerToHyperService::new(tower::service_fn(move |mut req: http::Request<Incoming>| {
+        req.extensions_mut().insert(info.clone());
+        service.clone().oneshot(req)
+    }))
+}
+
+async fn serve_plain<S, B>(
     stream: TcpStream,
     info: ConnectionInfo,
     settings: ListenerSettings,
@@ -138,29 +158,36 @@ async fn serve_connection<S, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let conn_info = info.clone();
-    let service = tower::service_fn(move |mut req: http::Request<Incoming>| {
-        req.extensions_mut().insert(conn_info.clone());
-        service.clone().oneshot(req)
-    });
-    let service = TowerToHyperService::new(service);
-    match &settings.tls {
-        Some(acceptor) => {
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(listener = settings.name, remote = %info.remote, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(listener = settings.name, remote = %info.remote, "TLS handshake timed out");
-                    return;
-                }
-            };
-            drive(builder.serve_connection_with_upgrades(TokioIo::new(tls), service), &info, &settings).await
+    let service = with_info(service, info.clone());
+    drive(builder.serve_connection_with_upgrades(TokioIo::new(stream), service), &info, &settings).await
+}
+
+async fn serve_tls<S, B>(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    info: ConnectionInfo,
+    settings: ListenerSettings,
+    builder: auto::Builder<TokioExecutor>,
+    service: S,
+) where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(listener = settings.name, remote = %info.remote, error = %e, "TLS handshake failed");
+            return;
         }
-        None => drive(builder.serve_connection_with_upgrades(TokioIo::new(stream), service), &info, &settings).await,
-    }
+        Err(_) => {
+            tracing::debug!(listener = settings.name, remote = %info.remote, "TLS handshake timed out");
+            return;
+        }
+    };
+    let service = with_info(service, info.clone());
+    drive(builder.serve_connection_with_upgrades(TokioIo::new(tls), service), &info, &settings).await
 }
 
 async fn drive<I, S, B>(

@@ -38,16 +38,27 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the configured addresses.
     pub async fn bind(config: &Config) -> Result<Self, ServeError> {
-        let bind = |name: &'static str, addr| async move {
-            TcpListener::bind(addr).await.map_err(|e| ServeError::Bind { name, addr, source: e })
-        };
         Ok(Self {
-            http: bind("HTTP", config.http_addr).await?,
-            agent: bind("agent", config.agent_addr).await?,
-            api: bind("GitLab API", config.api_addr).await?,
+            http: bind("HTTP", config.http_addr)?,
+            agent: bind("agent", config.agent_addr)?,
+            api: bind("GitLab API", config.api_addr)?,
         })
     }
 }
+
+/// Binds with a deep accept queue: when a replica dies, thousands of agents reconnect to the
+/// others at once, and a full queue would make the kernel drop or reset their connections.
+pub fn bind(name: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
+    let err = |source| ServeError::Bind { name, addr, source };
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+/// Pending connections the kernel may hold per listener (capped by `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]

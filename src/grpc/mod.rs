@@ -1,6 +1,7 @@
 //! The gRPC edges (tonic): the agent-facing services and the GitLab-facing ones. Domain and
 //! storage errors become gRPC status codes here and nowhere else.
 
+pub mod codec;
 mod configuration;
 mod flux;
 mod notifications;

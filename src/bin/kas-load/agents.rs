@@ -13,15 +13,30 @@ pub struct AgentStream {
     buf: BytesMut,
 }
 
-/// Connects and opens ReconcileProjects for `projects` with `token`.
-pub async fn open(addr: SocketAddr, token: &str, projects: &[String]) -> Result<AgentStream, String> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+/// An HTTP/2 connection to the agent listener, before any stream.
+pub struct AgentConnection(h2::client::SendRequest<Bytes>);
+
+/// Connects and completes the HTTP/2 handshake.
+pub async fn connect(addr: SocketAddr) -> Result<AgentConnection, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (client, connection) = h2::client::Builder::new().handshake(tcp).await.map_err(|e| e.to_string())?;
+    let (client, connection) =
+        h2::client::Builder::new().handshake(tcp).await.map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let mut client = client.ready().await.map_err(|e| e.to_string())?;
+    let client = client.ready().await.map_err(|e| format!("ready: {e}"))?;
+    Ok(AgentConnection(client))
+}
+
+/// Opens ReconcileProjects for `projects` with `token` on `connection`.
+pub async fn open(
+    connection: AgentConnection,
+    addr: SocketAddr,
+    token: &str,
+    projects: &[String],
+) -> Result<AgentStream, String> {
+    let mut client = connection.0.ready().await.map_err(|e| format!("open ready: {e}"))?;
     let request = http::Request::post(format!("http://{addr}/gitlab.agent.flux.rpc.GitLabFlux/ReconcileProjects"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -36,7 +51,7 @@ pub async fn open(addr: SocketAddr, token: &str, projects: &[String]) -> Result<
     frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
     frame.extend_from_slice(&message);
     send.send_data(frame.freeze(), true).map_err(|e| e.to_string())?;
-    let response = response.await.map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| format!("response: {e:?}"))?;
     if let Some(status) = response.headers().get("grpc-status") {
         return Err(format!("refused: grpc-status {status:?}"));
     }

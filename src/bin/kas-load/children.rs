@@ -14,8 +14,9 @@ pub async fn serve(args: Vec<String>) -> Result<(), String> {
         return Err("expected serve flags".into());
     };
     let config = settings.resolve().map_err(|e| e.to_string())?;
-    let bind = || async { tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string()) };
-    let listeners = kas::Listeners { http: bind().await?, agent: bind().await?, api: bind().await? };
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    let bind = |name| kas::server::bind(name, any).map_err(|e| e.to_string());
+    let listeners = kas::Listeners { http: bind("HTTP")?, agent: bind("agent")?, api: bind("api")? };
     let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     println!(
         "{}",
@@ -40,5 +41,32 @@ async fn terminated() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// `kas-load h2-child`: bare hyper HTTP/2 that answers every request with a 200 whose body never
+/// ends: the memory floor of one idle agent stream on the same stack kas uses.
+pub async fn bare_h2() -> Result<(), String> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("{}", serde_json::json!({"http": addr.to_string(), "agent": addr.to_string()}));
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => accepted.map_err(|e| e.to_string())?,
+            _ = terminated() => return Ok(()),
+        };
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|_req| async {
+                let body = http_body_util::StreamBody::new(futures::stream::pending::<
+                    Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                >());
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
     }
 }

@@ -22,28 +22,31 @@ use clap::{Parser, Subcommand};
 #[command(name = "kas-load")]
 struct Cli {
     #[command(subcommand)]
-    mode: Option<Mode>,
+    child: Option<Child>,
     #[command(flatten)]
     options: Options,
 }
 
 #[derive(Subcommand)]
-enum Mode {
+enum Child {
     /// (internal) run kas with these `kas serve` flags on port-0 listeners
-    #[command(hide = true)]
-    ServeChild {
+    #[command(name = "serve-child", hide = true)]
+    Serve {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// (internal) run the bare axum baseline
-    #[command(hide = true)]
-    AxumChild,
+    #[command(name = "axum-child", hide = true)]
+    Axum,
+    /// (internal) run the bare HTTP/2 memory baseline
+    #[command(name = "h2-child", hide = true)]
+    H2,
 }
 
 /// What to run and how hard.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Options {
-    /// all, baseline-http, baseline-redis, intake, fanout, fanout-redis
+    /// all, baseline-http, baseline-redis, baseline-memory, intake, fanout, fanout-redis
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Length of each measured phase, in seconds
@@ -55,6 +58,9 @@ pub struct Options {
     /// Connected agent streams (each its own HTTP/2 connection)
     #[arg(long, default_value_t = 10_000)]
     pub agents: usize,
+    /// Agent connections opened at once
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
     /// Pushes per second spread over the agents
     #[arg(long, default_value_t = 1000)]
     pub rate: u64,
@@ -80,9 +86,10 @@ fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let result = runtime.block_on(async move {
-        match cli.mode {
-            Some(Mode::ServeChild { args }) => children::serve(args).await,
-            Some(Mode::AxumChild) => children::bare_axum().await,
+        match cli.child {
+            Some(Child::Serve { args }) => children::serve(args).await,
+            Some(Child::Axum) => children::bare_axum().await,
+            Some(Child::H2) => children::bare_h2().await,
             None => scenarios::run(cli.options).await,
         }
     });

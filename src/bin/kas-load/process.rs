@@ -14,8 +14,6 @@ pub struct Addrs {
     pub http: SocketAddr,
     #[serde(default = "unset")]
     pub agent: SocketAddr,
-    #[serde(default = "unset")]
-    pub api: SocketAddr,
 }
 
 fn unset() -> SocketAddr {
@@ -26,7 +24,6 @@ fn unset() -> SocketAddr {
 pub struct ServerProcess {
     child: Child,
     pub addrs: Addrs,
-    pub log: std::path::PathBuf,
 }
 
 /// CPU time and resident memory at one moment.
@@ -43,7 +40,19 @@ impl ServerProcess {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let log = log_dir.join(format!("{mode}-{}.log", std::process::id() ^ rand_u32()));
         let stderr = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-        let mut child = Command::new(exe)
+        // KAS_LOAD_WRAP runs the server under another command, e.g. a profiler:
+        // KAS_LOAD_WRAP="valgrind --tool=massif --massif-out-file=/tmp/massif.%p".
+        let wrap: Vec<String> =
+            std::env::var("KAS_LOAD_WRAP").unwrap_or_default().split_whitespace().map(str::to_owned).collect();
+        let mut command = match wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
             .arg(mode)
             .args(args)
             .env("RUST_LOG", std::env::var("KAS_LOAD_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
@@ -55,7 +64,12 @@ impl ServerProcess {
         BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).map_err(|e| e.to_string())?;
         let addrs: Addrs =
             serde_json::from_str(&line).map_err(|e| format!("{mode} did not start ({e}); see {}", log.display()))?;
-        Ok(Self { child, addrs, log })
+        Ok(Self { child, addrs })
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Current CPU time and RSS of the child.

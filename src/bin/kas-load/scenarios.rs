@@ -1,7 +1,6 @@
 //! The measured scenarios and the report.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -57,32 +56,43 @@ pub async fn run(options: Options) -> Result<(), String> {
         }
     }
     check_open_files(options.agents)?;
-    let logs = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let secret_file = logs.path().join("webhook-secret");
+    // Server logs are kept when a run fails, and their place is printed.
+    let logs = tempfile::Builder::new().prefix("kas-load-").tempdir().map_err(|e| e.to_string())?.keep();
+    let secret_file = logs.join("webhook-secret");
     std::fs::write(&secret_file, SECRET).map_err(|e| e.to_string())?;
-    let ctx = Ctx { options: options.clone(), logs: logs.path().to_owned(), secret_file };
+    let ctx = Ctx { options: options.clone(), logs: logs.clone(), secret_file };
     let mut report = Report::default();
     println!("machine: {} cores, {}", num_cpus(), cpu_model());
     let all = options.scenario == "all";
     let wants = |s: &str| all || options.scenario == s;
-    if wants("baseline-http") {
-        baseline_http(&ctx, &mut report).await?;
-    }
-    if wants("baseline-redis") {
-        baseline_redis(&ctx, &mut report).await?;
-    }
-    if wants("intake") {
-        intake(&ctx, &mut report).await?;
-    }
-    if wants("fanout") {
-        fanout(&ctx, &mut report, false).await?;
-    }
-    if wants("fanout-redis") {
-        fanout(&ctx, &mut report, true).await?;
+    let run = async {
+        if wants("baseline-http") {
+            baseline_http(&ctx, &mut report).await?;
+        }
+        if wants("baseline-memory") {
+            baseline_memory(&ctx, &mut report).await?;
+        }
+        if wants("baseline-redis") {
+            baseline_redis(&ctx, &mut report).await?;
+        }
+        if wants("intake") {
+            intake(&ctx, &mut report).await?;
+        }
+        if wants("fanout") {
+            fanout(&ctx, &mut report, false).await?;
+        }
+        if wants("fanout-redis") {
+            fanout(&ctx, &mut report, true).await?;
+        }
+        Ok::<(), String>(())
+    };
+    if let Err(e) = run.await {
+        return Err(format!("{e} (server logs in {})", logs.display()));
     }
     if report.0.is_empty() {
         return Err(format!("unknown scenario {:?}", options.scenario));
     }
+    let _ = std::fs::remove_dir_all(&logs);
     if let Some(path) = &options.json {
         std::fs::write(path, serde_json::to_string_pretty(&report.0).expect("serializable"))
             .map_err(|e| e.to_string())?;
@@ -139,10 +149,11 @@ async fn baseline_http(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
     header("baseline: bare axum handler answering 202 (the HTTP ceiling)");
     let server = ServerProcess::spawn("axum-child", &[], &ctx.logs)?;
     let before = server.usage();
-    let flood = webhooks::flood(server.addrs.http, SECRET, ctx.options.concurrency, ctx.options.duration(), |i| {
-        push_body(1 + (i % 100) as i64, &format!("load/p{}", i % 100), 0)
-    })
-    .await?;
+    let flood =
+        webhooks::flood("flood", server.addrs.http, SECRET, ctx.options.concurrency, ctx.options.duration(), |i| {
+            push_body(1 + (i % 100) as i64, &format!("load/p{}", i % 100), 0)
+        })
+        .await?;
     let after = server.usage();
     let ok = flood.statuses.get(&202).copied().unwrap_or(0);
     report.add("baseline-http", "requests/s", format!("{:.0}", ok as f64 / flood.elapsed.as_secs_f64()), "", None);
@@ -198,6 +209,31 @@ async fn baseline_redis(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
     let samples = samples.lock().unwrap().clone();
     report.add("baseline-redis", &format!("PUBLISH→receive at {}/s", ctx.options.rate), samples.summary(), "", None);
     report.add("baseline-redis", "received / published", format!("{} / {count}", samples.0.len()), "", None);
+    Ok(())
+}
+
+async fn baseline_memory(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
+    let n = ctx.options.agents;
+    header(&format!(
+        "baseline: bare hyper HTTP/2, {n} connections each holding one never-ending response (the memory floor)"
+    ));
+    let server = ServerProcess::spawn("h2-child", &[], &ctx.logs)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = server.usage();
+    let tokens = vec!["unused".to_owned(); n];
+    let tracker = Arc::new(Tracker::default());
+    let (_, bare) = connect_agents(ctx.options.connect_concurrency, &server, &tokens, &tracker).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let streams = server.usage();
+    let per = |a: Usage, b: Usage| b.rss_kib.saturating_sub(a.rss_kib) as f64 / n as f64;
+    report.add(
+        "baseline-memory",
+        "per connection / per stream / total",
+        format!("{:.1} KiB / {:.1} KiB / {:.1} KiB", per(idle, bare), per(bare, streams), per(idle, streams)),
+        "",
+        None,
+    );
+    server.stop();
     Ok(())
 }
 
@@ -281,15 +317,16 @@ async fn intake(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
     let prefix = format!("kas-load-{}", rand_u32());
     let server = ServerProcess::spawn("serve-child", &serve_args(ctx, &db, "intake", Some(&prefix)), &ctx.logs)?;
     // Warm up connections and the database.
-    webhooks::flood(server.addrs.http, SECRET, 8, Duration::from_secs(1), |i| {
+    webhooks::flood("warm", server.addrs.http, SECRET, 8, Duration::from_secs(1), |i| {
         push_body(1, "load/warm", (i % 2) as i64)
     })
     .await?;
     let before = server.usage();
-    let flood = webhooks::flood(server.addrs.http, SECRET, ctx.options.concurrency, ctx.options.duration(), |i| {
-        push_body(1 + (i % 100) as i64, &format!("load/p{}", i % 100), 0)
-    })
-    .await?;
+    let flood =
+        webhooks::flood("flood", server.addrs.http, SECRET, ctx.options.concurrency, ctx.options.duration(), |i| {
+            push_body(1 + (i % 100) as i64, &format!("load/p{}", i % 100), 0)
+        })
+        .await?;
     let after = server.usage();
     let accepted = flood.statuses.get(&202).copied().unwrap_or(0);
     let rate = accepted as f64 / flood.elapsed.as_secs_f64();
@@ -408,18 +445,40 @@ async fn seed(store: &Arc<dyn Store>, agents: usize) -> Result<Vec<String>, Stri
     Ok(tokens)
 }
 
-async fn connect_agents(addr: SocketAddr, tokens: &[String], tracker: &Arc<Tracker>) -> Result<Duration, String> {
+/// Opens every agent's connection, reports the server's memory with bare connections, then
+/// opens every stream; returns how long the streams took.
+async fn connect_agents(
+    concurrency: usize,
+    server: &ServerProcess,
+    tokens: &[String],
+    tracker: &Arc<Tracker>,
+) -> Result<(Duration, Usage), String> {
+    let addr = server.addrs.agent;
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut handshakes = Vec::with_capacity(tokens.len());
+    for _ in tokens {
+        let semaphore = semaphore.clone();
+        handshakes.push(tokio::spawn(async move {
+            let _permit = semaphore.acquire_owned().await.expect("semaphore");
+            crate::agents::connect(addr).await
+        }));
+    }
+    let mut connections = Vec::with_capacity(tokens.len());
+    for h in handshakes {
+        connections.push(h.await.map_err(|e| e.to_string())??);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bare = server.usage();
     let started = Instant::now();
-    let semaphore = Arc::new(tokio::sync::Semaphore::new(256));
     let mut ready = Vec::with_capacity(tokens.len());
-    for (i, token) in tokens.iter().enumerate() {
+    for ((i, token), connection) in tokens.iter().enumerate().zip(connections) {
         let (tx, rx) = oneshot::channel();
         ready.push(rx);
         let (token, tracker, semaphore) = (token.clone(), tracker.clone(), semaphore.clone());
         tokio::spawn(async move {
             let permit = semaphore.acquire_owned().await.expect("semaphore");
             let projects = [format!("load/a{i}"), PUBLIC.to_owned()];
-            let mut stream = match crate::agents::open(addr, &token, &projects).await {
+            let mut stream = match crate::agents::open(connection, addr, &token, &projects).await {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -448,7 +507,7 @@ async fn connect_agents(addr: SocketAddr, tokens: &[String], tracker: &Arc<Track
     if failures > 0 {
         return Err(format!("{failures} agent streams failed to open: {}", first_error.unwrap_or_default()));
     }
-    Ok(started.elapsed())
+    Ok((started.elapsed(), bare))
 }
 
 async fn wait_for(what: impl Fn() -> bool, within: Duration) -> bool {
@@ -489,21 +548,40 @@ async fn fanout(ctx: &Ctx, report: &mut Report, two_replicas: bool) -> Result<()
     };
     let agents_server = b.as_ref().unwrap_or(&a);
     // Warm the intake path.
-    webhooks::flood(a.addrs.http, SECRET, 4, Duration::from_millis(500), |_| push_body(999_999, "load/warm", 0))
-        .await?;
+    webhooks::flood("warm", a.addrs.http, SECRET, 4, Duration::from_millis(500), |_| {
+        push_body(999_999, "load/warm", 0)
+    })
+    .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = agents_server.usage();
 
     let tracker = Arc::new(Tracker::default());
-    let took = connect_agents(agents_server.addrs.agent, &tokens, &tracker).await?;
+    let (took, bare) = connect_agents(ctx.options.connect_concurrency, agents_server, &tokens, &tracker).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    if let Ok(hook) = std::env::var("KAS_LOAD_BEFORE_MEASURE") {
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(hook.replace("{pid}", &agents_server.pid().to_string()))
+            .output();
+    }
     let connected = agents_server.usage();
     let per_stream = (connected.rss_kib.saturating_sub(idle.rss_kib)) as f64 / n as f64;
     report.add(name, "streams opened", format!("{n} in {:.1} s", took.as_secs_f64()), "", None);
     report.add(
         name,
-        "server RSS idle → with streams",
-        format!("{} MiB → {} MiB", idle.rss_kib / 1024, connected.rss_kib / 1024),
+        "server RSS idle → connected → streams",
+        format!("{} → {} → {} MiB", idle.rss_kib / 1024, bare.rss_kib / 1024, connected.rss_kib / 1024),
+        "",
+        None,
+    );
+    report.add(
+        name,
+        "of which per connection / per stream",
+        format!(
+            "{:.1} KiB / {:.1} KiB",
+            bare.rss_kib.saturating_sub(idle.rss_kib) as f64 / n as f64,
+            connected.rss_kib.saturating_sub(bare.rss_kib) as f64 / n as f64
+        ),
         "",
         None,
     );
@@ -635,7 +713,6 @@ async fn fanout(ctx: &Ctx, report: &mut Report, two_replicas: bool) -> Result<()
         Some(everyone && public.percentile(99.0) <= 200.0),
     );
 
-    let _ = (Usage { ..connected },);
     drop(pool);
     a.stop();
     if let Some(b) = b {

@@ -64,8 +64,10 @@ pub struct Flood {
     pub elapsed: Duration,
 }
 
-/// Sends as fast as `concurrency` connections allow for `duration`; `body(i)` makes request i.
+/// Sends as fast as `concurrency` connections allow for `duration`; `body(i)` makes request i,
+/// whose idempotency key is `<key_prefix>-<i>`.
 pub async fn flood(
+    key_prefix: &str,
     addr: SocketAddr,
     secret: &str,
     concurrency: usize,
@@ -79,13 +81,13 @@ pub async fn flood(
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let mut sender = connect(addr).await?;
-        let (body, counter, secret) = (body.clone(), counter.clone(), secret.to_owned());
+        let (body, counter, secret, prefix) = (body.clone(), counter.clone(), secret.to_owned(), key_prefix.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut out = Flood::default();
             while Instant::now() < deadline {
                 let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let t = Instant::now();
-                match post(&mut sender, &secret, &format!("flood-{i}"), body(i)).await {
+                match post(&mut sender, &secret, &format!("{prefix}-{i}"), body(i)).await {
                     Ok(status) => {
                         out.latencies.push(t.elapsed());
                         *out.statuses.entry(status).or_default() += 1;
