@@ -8,11 +8,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::agentcfg::source::{ConfigSource, RegistryConfigSource};
 use crate::agentcfg::watch::ConfigWatch;
 use crate::app::{App, Readiness};
 use crate::config::Config;
 use crate::delivery::{Hub, HubConfig};
-use crate::engine::{Engine, EngineContext, LocalDelivery, MemoryEngine, RedisEngine, RedisTarget};
+use crate::engine::{DeliverToAll, Engine, EngineContext, LocalDelivery, MemoryEngine, RedisEngine, RedisTarget};
 use crate::gitlab_jwt::GitLabJwt;
 use crate::identity::{AgentDirectory, RegistryDirectory};
 use crate::intake::{Intake, Outbox};
@@ -21,9 +22,6 @@ use crate::metrics::Metrics;
 use crate::secrets::{SecretError, Secrets};
 use crate::store::{self, StoreError};
 use crate::websocket::WithWebSocket;
-
-/// How often each replica checks whether a watched agent's configuration changed.
-const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The three bound listeners; binding is the caller's job so tests can use port 0.
 pub struct Listeners {
@@ -120,10 +118,14 @@ pub async fn serve(
         }
         None => Arc::new(MemoryEngine::default()),
     };
-    let directory: Arc<dyn AgentDirectory> = Arc::new(RegistryDirectory::new(store.clone()));
+    let (directory, config_source) = identity(&config, &store)?;
     let hub = Hub::new(directory.clone(), store.clone(), engine.clone(), metrics.clone(), hub_config(&config));
     hub.start(token.clone()).await;
-    let local: Arc<dyn LocalDelivery> = hub.clone();
+    let config_watch = ConfigWatch::new(config_source);
+    config_watch.start(token.clone());
+    // Every recorded push goes to the agent streams and to the configuration watch (a push to a
+    // configuration project may change an agent's configuration file).
+    let local: Arc<dyn LocalDelivery> = Arc::new(DeliverToAll(vec![hub.clone(), config_watch.clone()]));
     engine.clone().start(EngineContext {
         local: local.clone(),
         store: store.clone(),
@@ -135,8 +137,6 @@ pub async fn serve(
         Outbox::start(store.clone(), engine.clone(), local, metrics.clone(), config.event_retention);
     let writers = if config.store.database_url.expose().starts_with("sqlite:") { 1 } else { 4 };
     let intake = Intake::start(store.clone(), outbox.clone(), metrics.clone(), writers);
-    let config_watch = ConfigWatch::new(store.clone(), CONFIG_POLL);
-    config_watch.start(token.clone());
     if config.gitlab_external_url.is_none() {
         tracing::warn!(
             "KAS_GITLAB_EXTERNAL_URL is not set: agents get an empty gitlab_external_url, so Flux never gets Receivers for GitLab's repositories"
@@ -222,4 +222,13 @@ fn hub_config(config: &Config) -> HubConfig {
         token_recheck: config.token_recheck,
         replica: config.replica_name.clone(),
     }
+}
+
+/// Who agents are, what they may see and where their configuration comes from.
+#[allow(clippy::type_complexity)]
+fn identity(
+    _config: &Config,
+    store: &Arc<dyn crate::store::Store>,
+) -> Result<(Arc<dyn AgentDirectory>, Arc<dyn ConfigSource>), ServeError> {
+    Ok((Arc::new(RegistryDirectory::new(store.clone())), Arc::new(RegistryConfigSource::new(store.clone()))))
 }

@@ -5,6 +5,7 @@
 //! `user_access`, `container_scanning` and `remote_development` are accepted and stored but not
 //! sent (kas serves only the Flux path). Any other key is refused, naming it.
 
+pub mod source;
 pub mod watch;
 
 use serde::Deserialize;

@@ -1,22 +1,30 @@
 //! Tells open configuration streams that their agent's configuration changed. Each replica
-//! polls the versions of the agents it has streams for, so a change made anywhere (the CLI
-//! writes the database directly) reaches every open stream on every replica.
+//! checks the versions of the agents it has streams for (as often as the source allows) and,
+//! since a push to a configuration project may change its file, checks an agent at once when
+//! its configuration project is pushed. So a change reaches every open stream on every replica.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::source::ConfigSource;
 use crate::domain::AgentId;
-use crate::store::Store;
+use crate::engine::LocalDelivery;
+use crate::identity::AgentIdentity;
+use crate::store::PushNotice;
+
+struct Watched {
+    version: watch::Sender<String>,
+    agent: AgentIdentity,
+    subscribers: usize,
+}
 
 /// Version watchers per agent.
 pub struct ConfigWatch {
-    store: Arc<dyn Store>,
-    interval: Duration,
-    agents: Mutex<HashMap<AgentId, (watch::Sender<i64>, usize)>>,
+    source: Arc<dyn ConfigSource>,
+    agents: Mutex<HashMap<AgentId, Watched>>,
 }
 
 /// A stream's subscription; dropping it unsubscribes.
@@ -24,48 +32,51 @@ pub struct ConfigSubscription {
     watch: Arc<ConfigWatch>,
     agent: AgentId,
     /// Receives the new version on every change.
-    pub changes: watch::Receiver<i64>,
+    pub changes: watch::Receiver<String>,
 }
 
 impl ConfigWatch {
-    /// A watch polling `store` every `interval`.
-    pub fn new(store: Arc<dyn Store>, interval: Duration) -> Arc<Self> {
-        Arc::new(Self { store, interval, agents: Mutex::default() })
+    /// A watch over `source`.
+    pub fn new(source: Arc<dyn ConfigSource>) -> Arc<Self> {
+        Arc::new(Self { source, agents: Mutex::default() })
+    }
+
+    /// The source the watch reads.
+    pub fn source(&self) -> &Arc<dyn ConfigSource> {
+        &self.source
     }
 
     /// Polls until `stop`.
     pub fn start(self: &Arc<Self>, stop: CancellationToken) {
         let watch = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(watch.interval);
+            let mut tick = tokio::time::interval(watch.source.poll_interval());
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tick.tick() => watch.poll().await,
+                    _ = tick.tick() => {
+                        let agents: Vec<AgentIdentity> =
+                            watch.agents.lock().expect("watch lock").values().map(|w| w.agent.clone()).collect();
+                        watch.check(&agents).await;
+                    }
                 }
             }
         });
     }
 
-    async fn poll(&self) {
-        let ids: Vec<AgentId> = self.agents.lock().expect("watch lock").keys().copied().collect();
-        if ids.is_empty() {
+    async fn check(&self, agents: &[AgentIdentity]) {
+        if agents.is_empty() {
             return;
         }
-        match self.store.config_versions(&ids).await {
-            Ok(versions) => {
-                for (agent, version) in versions {
-                    self.announce(agent, version);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot check agent configuration versions"),
+        for (agent, version) in self.source.versions(agents).await {
+            self.announce(agent, version);
         }
     }
 
     /// Records that `agent`'s configuration is at `version`, waking its streams if that is new.
-    pub fn announce(&self, agent: AgentId, version: i64) {
-        if let Some((tx, _)) = self.agents.lock().expect("watch lock").get(&agent) {
-            tx.send_if_modified(|v| {
+    pub fn announce(&self, agent: AgentId, version: String) {
+        if let Some(w) = self.agents.lock().expect("watch lock").get(&agent) {
+            w.version.send_if_modified(|v| {
                 let changed = *v != version;
                 *v = version;
                 changed
@@ -74,13 +85,51 @@ impl ConfigWatch {
     }
 
     /// Subscribes to `agent`'s changes, starting from the `version` the caller has seen.
-    pub fn subscribe(self: &Arc<Self>, agent: AgentId, version: i64) -> ConfigSubscription {
+    pub fn subscribe(self: &Arc<Self>, agent: &AgentIdentity, version: String) -> ConfigSubscription {
         let mut agents = self.agents.lock().expect("watch lock");
-        let entry = agents.entry(agent).or_insert_with(|| (watch::channel(version).0, 0));
-        entry.1 += 1;
-        let mut changes = entry.0.subscribe();
+        let entry = agents.entry(agent.id).or_insert_with(|| Watched {
+            version: watch::channel(version).0,
+            agent: agent.clone(),
+            subscribers: 0,
+        });
+        entry.subscribers += 1;
+        let mut changes = entry.version.subscribe();
         changes.mark_unchanged();
-        ConfigSubscription { watch: self.clone(), agent, changes }
+        ConfigSubscription { watch: self.clone(), agent: agent.id, changes }
+    }
+}
+
+impl LocalDelivery for ConfigWatch {
+    /// A push to a watched agent's configuration project may have changed its file.
+    fn deliver(&self, notices: &[PushNotice]) {
+        let pushed: Vec<AgentIdentity> = {
+            let agents = self.agents.lock().expect("watch lock");
+            agents
+                .values()
+                .filter(|w| notices.iter().any(|n| n.project_path.as_str() == w.agent.config_project))
+                .map(|w| w.agent.clone())
+                .collect()
+        };
+        if pushed.is_empty() {
+            return;
+        }
+        let source = self.source.clone();
+        let versions: Vec<(AgentId, watch::Sender<String>)> = {
+            let agents = self.agents.lock().expect("watch lock");
+            pushed.iter().filter_map(|a| agents.get(&a.id).map(|w| (a.id, w.version.clone()))).collect()
+        };
+        tokio::spawn(async move {
+            let found = source.versions(&pushed).await;
+            for (agent, version) in found {
+                if let Some((_, tx)) = versions.iter().find(|(id, _)| *id == agent) {
+                    tx.send_if_modified(|v| {
+                        let changed = *v != version;
+                        *v = version;
+                        changed
+                    });
+                }
+            }
+        });
     }
 }
 
@@ -88,8 +137,8 @@ impl Drop for ConfigSubscription {
     fn drop(&mut self) {
         let mut agents = self.watch.agents.lock().expect("watch lock");
         if let Some(entry) = agents.get_mut(&self.agent) {
-            entry.1 -= 1;
-            if entry.1 == 0 {
+            entry.subscribers -= 1;
+            if entry.subscribers == 0 {
                 agents.remove(&self.agent);
             }
         }

@@ -38,6 +38,17 @@ pub trait LocalDelivery: Send + Sync + 'static {
     fn deliver(&self, notices: &[PushNotice]);
 }
 
+/// Hands every event to each of several local deliveries.
+pub struct DeliverToAll(pub Vec<Arc<dyn LocalDelivery>>);
+
+impl LocalDelivery for DeliverToAll {
+    fn deliver(&self, notices: &[PushNotice]) {
+        for d in &self.0 {
+            d.deliver(notices);
+        }
+    }
+}
+
 /// A `LocalDelivery` for a server with no agent streams (and for tests of the intake alone).
 pub struct NoDelivery;
 

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::OpenGauge;
+use crate::agentcfg::source::{ConfigSnapshot, ConfigSourceError};
 use crate::agentcfg::{self, AgentConfigFile, LogLevel};
 use crate::app::App;
 use crate::engine::{AgentMetaRecord, PodRecord, REGISTRATION_TTL};
@@ -110,20 +111,20 @@ async fn serve(
     let mut last_sent = request.commit_id;
     let mut subscription = None;
     loop {
-        let loaded = match app.store.agent_config(agent.id).await {
-            Ok(Some(found)) => Ok(found),
-            Ok(None) => Err(Status::not_found("the agent no longer exists")),
-            Err(e) => Err(Status::unavailable(format!("cannot read the agent configuration: {e}"))),
-        };
-        let (text, version) = match loaded {
-            Ok(found) => found,
-            Err(status) => {
+        let snapshot = match app.config_watch.source().load(&agent).await {
+            Ok(s) => s,
+            Err(e) => {
+                let status = match e {
+                    ConfigSourceError::NotFound(m) => Status::not_found(m),
+                    ConfigSourceError::Unavailable(m) => Status::unavailable(m),
+                };
                 let _ = tx.send(Err(status)).await;
                 break;
             }
         };
-        let subscription = subscription.get_or_insert_with(|| app.config_watch.subscribe(agent.id, version));
-        match response(&app, &agent, text.as_deref().unwrap_or("")) {
+        let subscription =
+            subscription.get_or_insert_with(|| app.config_watch.subscribe(&agent, snapshot.version.clone()));
+        match response(&app, &agent, &snapshot) {
             Ok(response) if response.commit_id != last_sent => {
                 last_sent = response.commit_id.clone();
                 tracing::info!(agent = agent.id, commit = %last_sent, "configuration sent");
@@ -173,7 +174,8 @@ fn level(l: LogLevel) -> i32 {
 }
 
 /// What is sent: `flux` and `observability` from the file, plus what kas knows of the agent.
-fn response(app: &App, agent: &AgentIdentity, text: &str) -> Result<ConfigurationResponse, Status> {
+fn response(app: &App, agent: &AgentIdentity, snapshot: &ConfigSnapshot) -> Result<ConfigurationResponse, Status> {
+    let text = snapshot.text.as_str();
     let file = AgentConfigFile::parse(text).map_err(|e| Status::failed_precondition(e.to_string()))?;
     let project_id = agent.config_project_id.unwrap_or(0);
     let external_url = app.config.gitlab_external_url.clone().unwrap_or_default();
@@ -190,6 +192,9 @@ fn response(app: &App, agent: &AgentIdentity, text: &str) -> Result<Configuratio
         flux: file.flux.map(|f| cf::FluxCf { webhook_receiver_url: f.webhook_receiver_url.unwrap_or_default() }),
         gitlab_external_url: external_url.clone(),
     };
-    let commit_id = agentcfg::commit_id(text, agent.id, project_id, &agent.config_project, &external_url);
+    let commit_id = snapshot
+        .commit_id
+        .clone()
+        .unwrap_or_else(|| agentcfg::commit_id(text, agent.id, project_id, &agent.config_project, &external_url));
     Ok(ConfigurationResponse { configuration: Some(configuration), commit_id })
 }

@@ -1,0 +1,86 @@
+//! Where an agent's configuration file comes from: the registry (stored with `kas agent
+//! config`) or GitLab (the file in the configuration project's repository).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::domain::AgentId;
+use crate::identity::AgentIdentity;
+use crate::store::Store;
+
+/// An agent's configuration as its source has it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSnapshot {
+    /// The file's text; empty when there is none.
+    pub text: String,
+    /// What the source calls this version; changes whenever the text may have changed.
+    pub version: String,
+    /// The commit id to send, when the source has one (GitLab: the branch head); otherwise kas
+    /// sends a digest of what it sends.
+    pub commit_id: Option<String>,
+}
+
+/// Why a configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigSourceError {
+    /// The agent (or its project) does not exist any more.
+    #[error("{0}")]
+    NotFound(String),
+    /// The source cannot answer now.
+    #[error("cannot read the agent configuration: {0}")]
+    Unavailable(String),
+}
+
+/// A source of agent configuration files.
+#[async_trait]
+pub trait ConfigSource: Send + Sync + 'static {
+    /// The agent's configuration now.
+    async fn load(&self, agent: &AgentIdentity) -> Result<ConfigSnapshot, ConfigSourceError>;
+    /// The current versions of these agents' configurations (agents it cannot tell are left out).
+    async fn versions(&self, agents: &[AgentIdentity]) -> Vec<(AgentId, String)>;
+    /// How often watched agents are checked for changes.
+    fn poll_interval(&self) -> Duration;
+}
+
+/// Configuration files stored in kas's database.
+pub struct RegistryConfigSource {
+    store: Arc<dyn Store>,
+}
+
+impl RegistryConfigSource {
+    /// Reads from `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+}
+
+#[async_trait]
+impl ConfigSource for RegistryConfigSource {
+    async fn load(&self, agent: &AgentIdentity) -> Result<ConfigSnapshot, ConfigSourceError> {
+        match self.store.agent_config(agent.id).await {
+            Ok(Some((text, version))) => {
+                Ok(ConfigSnapshot { text: text.unwrap_or_default(), version: version.to_string(), commit_id: None })
+            }
+            Ok(None) => Err(ConfigSourceError::NotFound("the agent no longer exists".into())),
+            Err(e) => Err(ConfigSourceError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn versions(&self, agents: &[AgentIdentity]) -> Vec<(AgentId, String)> {
+        let ids: Vec<AgentId> = agents.iter().map(|a| a.id).collect();
+        match self.store.config_versions(&ids).await {
+            Ok(v) => v.into_iter().map(|(id, version)| (id, version.to_string())).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check agent configuration versions");
+                Vec::new()
+            }
+        }
+    }
+
+    fn poll_interval(&self) -> Duration {
+        // A database query for every watched agent at once: cheap enough to notice changes fast.
+        Duration::from_secs(2)
+    }
+}
