@@ -72,6 +72,7 @@ fn hub_with(
                 name: format!("a{i}"),
                 config_project: own(i),
                 config_project_id: None,
+                default_branch: None,
                 credential: i as i64,
             };
             open.push(hub.open(agent, vec![own(i), shared.to_owned()], CancellationToken::new()).await);

@@ -152,6 +152,8 @@ settings! {
     gitlab_url => "KAS_GITLAB_URL",
     /// File with a GitLab API token that can read agent configuration files (GitLab mode)
     gitlab_api_token_file => "KAS_GITLAB_API_TOKEN_FILE",
+    /// How long GitLab's answers about tokens and access are trusted (GitLab mode) [default: 5m]
+    gitlab_cache_ttl => "KAS_GITLAB_CACHE_TTL",
 }
 
 /// The settings the registry commands need: where the database is.
@@ -220,6 +222,8 @@ pub struct Config {
     pub gitlab_url: Option<String>,
     /// GitLab API token file (GitLab-backed mode).
     pub gitlab_api_token_file: Option<PathBuf>,
+    /// Lifetime of cached GitLab answers (GitLab-backed mode).
+    pub gitlab_cache_ttl: Duration,
 }
 
 impl Settings {
@@ -268,6 +272,7 @@ impl Settings {
             token_recheck: parse_duration_setting("token_recheck", s.token_recheck.as_deref(), "5s")?,
             gitlab_url,
             gitlab_api_token_file: s.gitlab_api_token_file.map(PathBuf::from),
+            gitlab_cache_ttl: parse_duration_setting("gitlab_cache_ttl", s.gitlab_cache_ttl.as_deref(), "5m")?,
         })
     }
 }

@@ -21,6 +21,15 @@ pub struct NameLabel {
     pub name: &'static str,
 }
 
+/// Labels of a call to GitLab.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabel {
+    /// The call.
+    pub call: &'static str,
+    /// ok, refused (4xx) or error.
+    pub result: &'static str,
+}
+
 /// Every metric kas exports.
 pub struct Metrics {
     registry: Registry,
@@ -58,6 +67,8 @@ pub struct Metrics {
     pub auth_failures: Family<NameLabel, Counter>,
     /// Engine (Redis) connection failures.
     pub engine_errors: Counter,
+    /// Calls to GitLab by call and result.
+    pub gitlab_calls: Family<CallLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -89,6 +100,7 @@ impl Metrics {
             connected_agents: Gauge::default(),
             auth_failures: Family::default(),
             engine_errors: Counter::default(),
+            gitlab_calls: Family::default(),
             registry: Registry::default(),
         };
         registry.register("webhooks", "Webhook requests by result", m.webhooks.clone());
@@ -132,6 +144,7 @@ impl Metrics {
         registry.register("connected_agents", "Agents with an open stream on this replica", m.connected_agents.clone());
         registry.register("auth_failures", "Rejected credentials by listener", m.auth_failures.clone());
         registry.register("engine_errors", "Engine (Redis) operation failures", m.engine_errors.clone());
+        registry.register("gitlab_calls", "Calls to GitLab by call and result", m.gitlab_calls.clone());
         Metrics { registry, ..m }
     }
 
@@ -148,6 +161,11 @@ impl Metrics {
     /// Counts a rejected credential on a listener.
     pub fn auth_failure(&self, listener: &'static str) {
         self.auth_failures.get_or_create(&NameLabel { name: listener }).inc();
+    }
+
+    /// Counts a call to GitLab.
+    pub fn gitlab_call(&self, call: &'static str, result: &'static str) {
+        self.gitlab_calls.get_or_create(&CallLabel { call, result }).inc();
     }
 
     /// The open-stream gauge of one RPC.

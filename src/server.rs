@@ -14,6 +14,7 @@ use crate::app::{App, Readiness};
 use crate::config::Config;
 use crate::delivery::{Hub, HubConfig};
 use crate::engine::{DeliverToAll, Engine, EngineContext, LocalDelivery, MemoryEngine, RedisEngine, RedisTarget};
+use crate::gitlab::{GitLabClient, GitLabConfigSource, GitLabDirectory};
 use crate::gitlab_jwt::GitLabJwt;
 use crate::identity::{AgentDirectory, RegistryDirectory};
 use crate::intake::{Intake, Outbox};
@@ -70,6 +71,9 @@ pub enum ServeError {
     /// The Redis URL is unusable.
     #[error("{0}")]
     Redis(String),
+    /// The GitLab-backed mode is misconfigured.
+    #[error("{0}")]
+    GitLab(String),
     /// TLS files are unusable.
     #[error("TLS: {0}")]
     Tls(String),
@@ -118,7 +122,7 @@ pub async fn serve(
         }
         None => Arc::new(MemoryEngine::default()),
     };
-    let (directory, config_source) = identity(&config, &store)?;
+    let (directory, config_source) = identity(&config, &store, &engine, &metrics, &secrets)?;
     let hub = Hub::new(directory.clone(), store.clone(), engine.clone(), metrics.clone(), hub_config(&config));
     hub.start(token.clone()).await;
     let config_watch = ConfigWatch::new(config_source);
@@ -224,11 +228,44 @@ fn hub_config(config: &Config) -> HubConfig {
     }
 }
 
-/// Who agents are, what they may see and where their configuration comes from.
+/// Who agents are, what they may see and where their configuration comes from: kas's own
+/// registry, or GitLab when `KAS_GITLAB_URL` is set.
 #[allow(clippy::type_complexity)]
 fn identity(
-    _config: &Config,
+    config: &Config,
     store: &Arc<dyn crate::store::Store>,
+    engine: &Arc<dyn Engine>,
+    metrics: &Arc<Metrics>,
+    secrets: &Secrets,
 ) -> Result<(Arc<dyn AgentDirectory>, Arc<dyn ConfigSource>), ServeError> {
-    Ok((Arc::new(RegistryDirectory::new(store.clone())), Arc::new(RegistryConfigSource::new(store.clone()))))
+    let Some(url) = &config.gitlab_url else {
+        return Ok((
+            Arc::new(RegistryDirectory::new(store.clone())),
+            Arc::new(RegistryConfigSource::new(store.clone())),
+        ));
+    };
+    let key = secrets.gitlab_jwt_key.as_ref().ok_or_else(|| {
+        ServeError::GitLab("--gitlab-url (KAS_GITLAB_URL) needs --gitlab-secret-file (KAS_GITLAB_SECRET_FILE): it signs kas's calls to GitLab".into())
+    })?;
+    let api_token = match &config.gitlab_api_token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
+                .map_err(|e| ServeError::GitLab(format!("--gitlab-api-token-file {}: {e}", path.display())))?;
+            Some(crate::config::Secret::new(token.trim().to_owned()))
+        }
+        None => {
+            tracing::warn!(
+                "KAS_GITLAB_API_TOKEN_FILE is not set: agents get an empty configuration (kas cannot read .gitlab/agents/<name>/config.yaml)"
+            );
+            None
+        }
+    };
+    let client = Arc::new(
+        GitLabClient::new(url, GitLabJwt::new(key.expose()), api_token, metrics.clone()).map_err(ServeError::GitLab)?,
+    );
+    tracing::info!(gitlab = %url, cache = ?config.gitlab_cache_ttl, "agents, tokens, access and configuration come from GitLab");
+    Ok((
+        Arc::new(GitLabDirectory::new(client.clone(), engine.clone(), config.gitlab_cache_ttl)),
+        Arc::new(GitLabConfigSource::new(client)),
+    ))
 }

@@ -16,6 +16,7 @@ pub struct MemoryEngine {
     positions: Mutex<HashMap<AgentId, DeliveryPosition>>,
     connections: Mutex<HashMap<String, ConnectionRecord>>,
     pods: Mutex<HashMap<(AgentId, i64), PodRecord>>,
+    refusals: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 #[async_trait]
@@ -83,5 +84,16 @@ impl Engine for MemoryEngine {
             .collect();
         all.sort_by_key(|p| (p.agent_id, p.pod_id));
         Ok(all)
+    }
+
+    async fn remember_refusal(&self, key: &str, ttl: std::time::Duration) {
+        let mut refusals = self.refusals.lock().expect("refusals lock");
+        let now = std::time::Instant::now();
+        refusals.retain(|_, until| *until > now);
+        refusals.insert(key.to_owned(), now + ttl);
+    }
+
+    async fn was_refused(&self, key: &str) -> bool {
+        self.refusals.lock().expect("refusals lock").get(key).is_some_and(|until| *until > std::time::Instant::now())
     }
 }

@@ -178,4 +178,8 @@ pub trait Engine: Send + Sync + 'static {
     async fn unregister_pod(&self, agent: AgentId, pod_id: i64);
     /// Live registrations.
     async fn pods(&self, filter: PodFilter) -> Result<Vec<PodRecord>, EngineError>;
+    /// Remembers for `ttl`, on every replica, that a credential (by digest) was refused.
+    async fn remember_refusal(&self, key: &str, ttl: Duration);
+    /// Whether a credential was refused recently, on any replica.
+    async fn was_refused(&self, key: &str) -> bool;
 }

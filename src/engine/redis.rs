@@ -211,6 +211,9 @@ impl Keys {
     fn project_agents(&self, project: i64) -> String {
         format!("{}:pods:project:{project}", self.prefix)
     }
+    fn refusal(&self, key: &str) -> String {
+        format!("{}:refused:{key}", self.prefix)
+    }
     fn pod_agents(&self) -> String {
         format!("{}:pods:agents", self.prefix)
     }
@@ -698,6 +701,24 @@ impl Engine for RedisEngine {
         let mut pods: Vec<PodRecord> = self.pods_of(&agents).await?.into_iter().filter(|p| filter.matches(p)).collect();
         pods.sort_by_key(|p| (p.agent_id, p.pod_id));
         Ok(pods)
+    }
+
+    async fn remember_refusal(&self, key: &str, ttl: Duration) {
+        if self.available().is_err() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(self.keys.refusal(key)).arg(1).arg("EX").arg(ttl.as_secs().max(1)).ignore();
+        let _ = self.run::<()>(&pipe).await;
+    }
+
+    async fn was_refused(&self, key: &str) -> bool {
+        if self.available().is_err() {
+            return false;
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("EXISTS").arg(self.keys.refusal(key));
+        matches!(self.run::<(i64,)>(&pipe).await, Ok((1,)))
     }
 }
 

@@ -21,6 +21,8 @@ pub struct AgentIdentity {
     pub config_project: String,
     /// GitLab id of the configuration project, when known.
     pub config_project_id: Option<i64>,
+    /// The configuration project's default branch, when the source of truth says (GitLab).
+    pub default_branch: Option<String>,
     /// Which credential authenticated it (a token id), for revocation checks.
     pub credential: i64,
 }

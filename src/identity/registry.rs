@@ -35,6 +35,7 @@ impl AgentDirectory for RegistryDirectory {
             name: found.agent.name.to_string(),
             config_project: found.agent.config_project.to_string(),
             config_project_id: found.agent.config_project_id,
+            default_branch: None,
             credential: found.token_id,
         })
     }

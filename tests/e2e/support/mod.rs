@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod agentk;
 pub mod db;
+pub mod gitlab;
 pub mod process;
 pub mod redis;
 

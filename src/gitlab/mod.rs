@@ -1,0 +1,10 @@
+//! GitLab as the source of truth: agents, tokens, access and configuration straight from GitLab
+//! (chosen with `KAS_GITLAB_URL`), instead of kas's own registry.
+
+pub mod client;
+pub mod config_source;
+pub mod directory;
+
+pub use client::GitLabClient;
+pub use config_source::GitLabConfigSource;
+pub use directory::GitLabDirectory;
