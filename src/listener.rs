@@ -28,6 +28,34 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// open new streams here before it sees its streams end.
 const GOAWAY_HEAD_START: Duration = Duration::from_millis(200);
 
+/// What a listener serves: requests in, responses out, errors mapped to responses already.
+pub trait ConnectionService<B>:
+    Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T, B> ConnectionService<B> for T where
+    T: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible, Future: Send + 'static>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The body of a response a listener can send.
+pub trait ResponseBody:
+    http_body::Body<Data = bytes::Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
+{
+}
+
+impl<T> ResponseBody for T where
+    T: http_body::Body<Data = bytes::Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
+{
+}
+
 /// Facts about the connection a request arrived on, placed in every request's extensions.
 #[derive(Clone, Debug)]
 pub struct ConnectionInfo {
@@ -81,10 +109,8 @@ pub fn spawn<M, S, B>(
     tracker: TaskTracker,
 ) where
     M: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
-    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -130,16 +156,10 @@ pub fn spawn<M, S, B>(
 }
 
 /// Adds the connection's `ConnectionInfo` to every request.
-fn with_info<S, B>(
+fn with_info<S: ConnectionService<B>, B>(
     service: S,
     info: ConnectionInfo,
-) -> TowerToHyperService<
-    impl Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible, Future = impl Send> + Clone,
->
-where
-    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
+) -> TowerToHyperService<impl ConnectionService<B>> {
     TowerToHyperService::new(tower::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(info.clone());
         service.clone().oneshot(req)
@@ -153,10 +173,8 @@ async fn serve_plain<S, B>(
     builder: auto::Builder<TokioExecutor>,
     service: S,
 ) where
-    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let service = with_info(service, info.clone());
     drive(builder.serve_connection_with_upgrades(TokioIo::new(stream), service), &info, &settings).await
@@ -170,10 +188,8 @@ async fn serve_tls<S, B>(
     builder: auto::Builder<TokioExecutor>,
     service: S,
 ) where
-    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,

@@ -145,16 +145,23 @@ fn header(title: &str) {
 
 // ---- baselines ----
 
-async fn baseline_http(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
-    header("baseline: bare axum handler answering 202 (the HTTP ceiling)");
-    let server = ServerProcess::spawn("axum-child", &[], &ctx.logs)?;
+/// The throughput flood, identical for the HTTP baseline and for kas so that their figures are a
+/// ratio: the same connections, payloads (100 projects) and duration. Returns the server's usage
+/// before and after.
+async fn measured_flood(ctx: &Ctx, server: &ServerProcess) -> Result<(webhooks::Flood, Usage, Usage), String> {
     let before = server.usage();
     let flood =
         webhooks::flood("flood", server.addrs.http, SECRET, ctx.options.concurrency, ctx.options.duration(), |i| {
             push_body(1 + (i % 100) as i64, &format!("load/p{}", i % 100), 0)
         })
         .await?;
-    let after = server.usage();
+    Ok((flood, before, server.usage()))
+}
+
+async fn baseline_http(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
+    header("baseline: bare axum handler answering 202 (the HTTP ceiling)");
+    let server = ServerProcess::spawn("axum-child", &[], &ctx.logs)?;
+    let (flood, before, after) = measured_flood(ctx, &server).await?;
     let ok = flood.statuses.get(&202).copied().unwrap_or(0);
     report.add("baseline-http", "requests/s", format!("{:.0}", ok as f64 / flood.elapsed.as_secs_f64()), "", None);
     report.add("baseline-http", "latency", flood.latencies.summary(), "", None);
@@ -321,13 +328,7 @@ async fn intake(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
         push_body(1, "load/warm", (i % 2) as i64)
     })
     .await?;
-    let before = server.usage();
-    let flood =
-        webhooks::flood("flood", server.addrs.http, SECRET, ctx.options.concurrency, ctx.options.duration(), |i| {
-            push_body(1 + (i % 100) as i64, &format!("load/p{}", i % 100), 0)
-        })
-        .await?;
-    let after = server.usage();
+    let (flood, before, after) = measured_flood(ctx, &server).await?;
     let accepted = flood.statuses.get(&202).copied().unwrap_or(0);
     let rate = accepted as f64 / flood.elapsed.as_secs_f64();
     report.add(
