@@ -3,7 +3,7 @@
 //! since a push to a configuration project may change its file, checks an agent at once when
 //! its configuration project is pushed. So a change reaches every open stream on every replica.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -21,10 +21,18 @@ struct Watched {
     subscribers: usize,
 }
 
+/// Watched agents, and an index from configuration project to them so a push finds its
+/// agents without scanning all of them.
+#[derive(Default)]
+struct Watches {
+    agents: HashMap<AgentId, Watched>,
+    by_project: HashMap<String, HashSet<AgentId>>,
+}
+
 /// Version watchers per agent.
 pub struct ConfigWatch {
     source: Arc<dyn ConfigSource>,
-    agents: Mutex<HashMap<AgentId, Watched>>,
+    watches: Mutex<Watches>,
 }
 
 /// A stream's subscription; dropping it unsubscribes.
@@ -38,7 +46,7 @@ pub struct ConfigSubscription {
 impl ConfigWatch {
     /// A watch over `source`.
     pub fn new(source: Arc<dyn ConfigSource>) -> Arc<Self> {
-        Arc::new(Self { source, agents: Mutex::default() })
+        Arc::new(Self { source, watches: Mutex::default() })
     }
 
     /// The source the watch reads.
@@ -56,7 +64,7 @@ impl ConfigWatch {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {
                         let agents: Vec<AgentIdentity> =
-                            watch.agents.lock().expect("watch lock").values().map(|w| w.agent.clone()).collect();
+                            watch.watches.lock().expect("watch lock").agents.values().map(|w| w.agent.clone()).collect();
                         watch.check(&agents).await;
                     }
                 }
@@ -75,7 +83,7 @@ impl ConfigWatch {
 
     /// Records that `agent`'s configuration is at `version`, waking its streams if that is new.
     pub fn announce(&self, agent: AgentId, version: String) {
-        if let Some(w) = self.agents.lock().expect("watch lock").get(&agent) {
+        if let Some(w) = self.watches.lock().expect("watch lock").agents.get(&agent) {
             w.version.send_if_modified(|v| {
                 let changed = *v != version;
                 *v = version;
@@ -86,8 +94,9 @@ impl ConfigWatch {
 
     /// Subscribes to `agent`'s changes, starting from the `version` the caller has seen.
     pub fn subscribe(self: &Arc<Self>, agent: &AgentIdentity, version: String) -> ConfigSubscription {
-        let mut agents = self.agents.lock().expect("watch lock");
-        let entry = agents.entry(agent.id).or_insert_with(|| Watched {
+        let mut watches = self.watches.lock().expect("watch lock");
+        watches.by_project.entry(agent.config_project.clone()).or_default().insert(agent.id);
+        let entry = watches.agents.entry(agent.id).or_insert_with(|| Watched {
             version: watch::channel(version).0,
             agent: agent.clone(),
             subscribers: 0,
@@ -102,26 +111,25 @@ impl ConfigWatch {
 impl LocalDelivery for ConfigWatch {
     /// A push to a watched agent's configuration project may have changed its file.
     fn deliver(&self, notices: &[PushNotice]) {
-        let pushed: Vec<AgentIdentity> = {
-            let agents = self.agents.lock().expect("watch lock");
-            agents
-                .values()
-                .filter(|w| notices.iter().any(|n| n.project_path.as_str() == w.agent.config_project))
-                .map(|w| w.agent.clone())
+        let pushed: Vec<(AgentIdentity, watch::Sender<String>)> = {
+            let watches = self.watches.lock().expect("watch lock");
+            notices
+                .iter()
+                .filter_map(|n| watches.by_project.get(n.project_path.as_str()))
+                .flatten()
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .filter_map(|id| watches.agents.get(id).map(|w| (w.agent.clone(), w.version.clone())))
                 .collect()
         };
         if pushed.is_empty() {
             return;
         }
         let source = self.source.clone();
-        let versions: Vec<(AgentId, watch::Sender<String>)> = {
-            let agents = self.agents.lock().expect("watch lock");
-            pushed.iter().filter_map(|a| agents.get(&a.id).map(|w| (a.id, w.version.clone()))).collect()
-        };
         tokio::spawn(async move {
-            let found = source.versions(&pushed).await;
-            for (agent, version) in found {
-                if let Some((_, tx)) = versions.iter().find(|(id, _)| *id == agent) {
+            let agents: Vec<AgentIdentity> = pushed.iter().map(|(a, _)| a.clone()).collect();
+            for (agent, version) in source.versions(&agents).await {
+                if let Some((_, tx)) = pushed.iter().find(|(a, _)| a.id == agent) {
                     tx.send_if_modified(|v| {
                         let changed = *v != version;
                         *v = version;
@@ -135,11 +143,18 @@ impl LocalDelivery for ConfigWatch {
 
 impl Drop for ConfigSubscription {
     fn drop(&mut self) {
-        let mut agents = self.watch.agents.lock().expect("watch lock");
-        if let Some(entry) = agents.get_mut(&self.agent) {
-            entry.subscribers -= 1;
-            if entry.subscribers == 0 {
-                agents.remove(&self.agent);
+        let mut watches = self.watch.watches.lock().expect("watch lock");
+        let Some(entry) = watches.agents.get_mut(&self.agent) else { return };
+        entry.subscribers -= 1;
+        if entry.subscribers > 0 {
+            return;
+        }
+        let project = entry.agent.config_project.clone();
+        watches.agents.remove(&self.agent);
+        if let Some(ids) = watches.by_project.get_mut(&project) {
+            ids.remove(&self.agent);
+            if ids.is_empty() {
+                watches.by_project.remove(&project);
             }
         }
     }

@@ -376,8 +376,8 @@ impl Hub {
         }
         credentials.sort_unstable();
         credentials.dedup();
-        let valid = match self.directory.still_valid(&credentials).await {
-            Ok(v) => v,
+        let valid: std::collections::HashSet<i64> = match self.directory.still_valid(&credentials).await {
+            Ok(v) => v.into_iter().collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot re-check agent tokens; keeping streams open");
                 return;

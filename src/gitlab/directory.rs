@@ -48,6 +48,7 @@ pub struct GitLabDirectory {
     known: Mutex<HashMap<i64, Known>>,
     refused: Mutex<HashMap<String, (Instant, RefusalKind)>>,
     access: Mutex<HashMap<(AgentId, String), Access>>,
+    access_swept_at: Mutex<usize>,
 }
 
 #[derive(Clone, Copy)]
@@ -75,7 +76,15 @@ fn credential_of(digest: &[u8]) -> i64 {
 impl GitLabDirectory {
     /// A directory asking `client`, caching good answers for `ttl`.
     pub fn new(client: Arc<GitLabClient>, engine: Arc<dyn Engine>, ttl: Duration) -> Self {
-        Self { client, engine, ttl, known: Mutex::default(), refused: Mutex::default(), access: Mutex::default() }
+        Self {
+            client,
+            engine,
+            ttl,
+            known: Mutex::default(),
+            refused: Mutex::default(),
+            access: Mutex::default(),
+            access_swept_at: Mutex::new(0),
+        }
     }
 
     /// The token a credential stands for, while a stream holds it.
@@ -141,8 +150,9 @@ impl AgentDirectory for GitLabDirectory {
     }
 
     async fn still_valid(&self, credentials: &[i64]) -> Result<Vec<i64>, IdentityError> {
+        let held: std::collections::HashSet<i64> = credentials.iter().copied().collect();
         // Forget tokens no stream holds any more.
-        self.known.lock().expect("known lock").retain(|c, k| credentials.contains(c) || k.checked.elapsed() < self.ttl);
+        self.known.lock().expect("known lock").retain(|c, k| held.contains(c) || k.checked.elapsed() < self.ttl);
         let due: Vec<(i64, Secret<String>)> = {
             let known = self.known.lock().expect("known lock");
             credentials
@@ -200,7 +210,13 @@ impl AgentDirectory for GitLabDirectory {
             .await
             .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
         let mut access = self.access.lock().expect("access lock");
-        access.retain(|_, a| a.checked.elapsed() < self.ttl);
+        // Expired answers are swept when the table has doubled since the last sweep, so a
+        // public push to many agents does not sweep it once per agent.
+        let mut swept = self.access_swept_at.lock().expect("sweep lock");
+        if access.len() >= *swept * 2 + 1024 {
+            access.retain(|_, a| a.checked.elapsed() < self.ttl);
+            *swept = access.len();
+        }
         access.insert(key, Access { allowed, world_readable, checked: Instant::now() });
         Ok(allowed)
     }

@@ -155,16 +155,17 @@ macro_rules! impl_store {
             }
 
             async fn config_versions(&self, agents: &[AgentId]) -> Result<Vec<(AgentId, i64)>, StoreError> {
-                if agents.is_empty() {
-                    return Ok(Vec::new());
+                let mut versions = Vec::with_capacity(agents.len());
+                for chunk in agents.chunks(1000) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new("SELECT id, config_version FROM agents WHERE id IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(*id);
+                    }
+                    q.push(")");
+                    versions.extend(q.build_query_as::<(i64, i64)>().fetch_all(&self.pool).await?);
                 }
-                let mut q = sqlx::QueryBuilder::<$db>::new("SELECT id, config_version FROM agents WHERE id IN (");
-                let mut list = q.separated(", ");
-                for id in agents {
-                    list.push_bind(*id);
-                }
-                q.push(")");
-                Ok(q.build_query_as().fetch_all(&self.pool).await?)
+                Ok(versions)
             }
 
             async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
@@ -263,17 +264,19 @@ macro_rules! impl_store {
             }
 
             async fn active_tokens(&self, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
-                if ids.is_empty() {
-                    return Ok(Vec::new());
+                let mut active = Vec::with_capacity(ids.len());
+                // Chunks keep every statement far below both backends' bind-parameter limits.
+                for chunk in ids.chunks(1000) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new("SELECT id FROM agent_tokens WHERE revoked_at IS NULL AND id IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(*id);
+                    }
+                    q.push(")");
+                    let rows: Vec<(i64,)> = q.build_query_as().fetch_all(&self.pool).await?;
+                    active.extend(rows.into_iter().map(|(id,)| id));
                 }
-                let mut q = sqlx::QueryBuilder::<$db>::new("SELECT id FROM agent_tokens WHERE revoked_at IS NULL AND id IN (");
-                let mut list = q.separated(", ");
-                for id in ids {
-                    list.push_bind(*id);
-                }
-                q.push(")");
-                let rows: Vec<(i64,)> = q.build_query_as().fetch_all(&self.pool).await?;
-                Ok(rows.into_iter().map(|(id,)| id).collect())
+                Ok(active)
             }
 
             async fn set_project(&self, project: &ProjectInfo, now: i64) -> Result<(), StoreError> {
