@@ -235,3 +235,75 @@ async fn fan_out_through_sentinel() {
     b.stop().await;
     db.cleanup().await;
 }
+
+/// `rediss://`: Redis over TLS, the server's CA trusted through `SSL_CERT_FILE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls() {
+    crate::support::init();
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("redis.crt"), dir.path().join("redis.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let port = test_redis::free_port();
+    let (c, k) = (cert_path.display().to_string(), key_path.display().to_string());
+    let _redis = PrivateRedis::start_tls(
+        port,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &c,
+            "--tls-key-file",
+            &k,
+            "--tls-ca-cert-file",
+            &c,
+            "--tls-auth-clients",
+            "no",
+        ],
+    )
+    .await;
+    let url = format!("rediss://localhost:{port}");
+    let env = |name: &str| {
+        vec![
+            ("KAS_REDIS_URL", url.clone()),
+            ("KAS_REPLICA_NAME", name.to_owned()),
+            ("SSL_CERT_FILE", cert_path.display().to_string()),
+        ]
+    };
+    let a = ProcessReplica::spawn(&db, &env("tls-a"));
+    let b = ProcessReplica::spawn(&db, &env("tls-b"));
+    let store = db.open_store().await;
+    let token = kas::domain::AgentToken::generate();
+    let name = kas::domain::AgentName::parse("secure").unwrap();
+    let project = kas::domain::ProjectPath::parse("g/tls").unwrap();
+    store.create_agent(&name, &project, &token.digest(), None, kas::store::now_ms()).await.unwrap();
+    let client = reqwest::Client::new();
+    let ready = eventually(SOON, || async {
+        let r = client.get(format!("http://{}/readyz", a.http)).send().await.unwrap();
+        let body: serde_json::Value = r.json().await.unwrap();
+        body["checks"]["redis"] == "ok"
+    })
+    .await;
+    assert!(ready, "replica A reaches Redis over TLS");
+    let agent = TestAgent::connect(b.agent, token.expose()).await;
+    let mut stream = agent.open(&["g/tls"]).await.unwrap();
+    let secret = std::fs::read_to_string(db.data_dir().join("webhook-secret")).unwrap();
+    let body = serde_json::json!({"object_kind": "push", "project": {"id": 1, "path_with_namespace": "g/tls", "visibility_level": 0}});
+    let r = client
+        .post(format!("http://{}/webhooks/gitlab", a.http))
+        .header("X-Gitlab-Token", secret.trim())
+        .header("X-Gitlab-Event", "Push Hook")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(next_project(&mut stream, SOON).await.as_deref(), Some("g/tls"), "through Redis over TLS");
+    store.close().await;
+    drop((a, b));
+    db.cleanup().await;
+}

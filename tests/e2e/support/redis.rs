@@ -56,6 +56,28 @@ impl PrivateRedis {
         r
     }
 
+    /// Starts a server whose only listener is TLS on `port` (`extra` holds the TLS flags).
+    pub async fn start_tls(port: u16, extra: &[&str]) -> PrivateRedis {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server with TLS");
+        // Ready once the TLS port accepts connections.
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        PrivateRedis { port, dir, args: Vec::new(), child: Some(child) }
+    }
+
     /// `redis://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
