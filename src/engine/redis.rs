@@ -94,7 +94,7 @@ impl RedisTarget {
                 return Err("no Sentinel address".into());
             }
             let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(info);
-            let client = SentinelClient::build(sentinels, master.to_owned(), Some(node), SentinelServerType::Master)
+            let client = SentinelClient::build(sentinels, master, Some(node), SentinelServerType::Master)
                 .map_err(|e| e.to_string())?;
             Ok(Self::Sentinel(tokio::sync::Mutex::new(client)))
         } else if let Some(rest) = url.strip_prefix("redis+cluster://") {
