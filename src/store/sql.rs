@@ -311,13 +311,17 @@ macro_rules! impl_store {
                 if batch.is_empty() {
                     return Ok(Vec::new());
                 }
-                // One registry row per project, the batch's last word on it winning.
-                let mut projects: Vec<&NewPush> = Vec::new();
-                for push in batch.iter().rev() {
-                    if !projects.iter().any(|p| p.event.project_id == push.event.project_id) {
-                        projects.push(push);
-                    }
+                // One registry row per project, the batch's last word on it winning, in id order:
+                // concurrent batches then lock project rows in the same order and cannot deadlock
+                // (PostgreSQL would abort one of them after deadlock_timeout).
+                let mut latest: std::collections::BTreeMap<i64, &NewPush> = std::collections::BTreeMap::new();
+                for push in batch {
+                    latest.insert(push.event.project_id, push);
                 }
+                let projects: Vec<&NewPush> = latest.into_values().collect();
+                // Events in key order, for the same reason (a redelivery racing in another batch).
+                let mut events: Vec<&NewPush> = batch.iter().collect();
+                events.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
                 let mut tx = self.pool.begin().await?;
                 let mut q = sqlx::QueryBuilder::<$db>::new(
                     "INSERT INTO projects (id, full_path, visibility, repository_access, updated_at) ",
@@ -346,7 +350,7 @@ macro_rules! impl_store {
                     "INSERT INTO push_events (idempotency_key, project_id, project_path, kind, git_ref, before_sha, \
                      after_sha, source, received_at) ",
                 );
-                q.push_values(batch, |mut row, p| {
+                q.push_values(&events, |mut row, p| {
                     row.push_bind(p.idempotency_key.as_str())
                         .push_bind(p.event.project_id)
                         .push_bind(p.event.project_path.as_str())

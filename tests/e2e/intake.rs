@@ -205,6 +205,23 @@ async fn bad_input_changes_nothing(db: TestDb) {
 }
 crate::both_backends!(bad_input, bad_input_changes_nothing);
 
+/// Concurrent pushes to overlapping projects are written by concurrent batches; they must never
+/// deadlock on the project registry (PostgreSQL would abort one batch after a second: 503s).
+async fn concurrent_overlapping_pushes(db: TestDb) {
+    let app = TestApp::spawn(&db, |_| {}).await;
+    let shared = &app;
+    let pushes = (0..600).map(|i| async move {
+        // Each burst touches the same 30 projects in a different order.
+        let project = (i * 7 + i / 30) % 30;
+        shared.push(1000 + project, &format!("g/p{project}"), (i % 3) * 10).await
+    });
+    let statuses: Vec<u16> = futures::future::join_all(pushes).await.iter().map(|r| r.status().as_u16()).collect();
+    assert!(statuses.iter().all(|s| *s == 202), "{:?}", statuses.iter().filter(|s| **s != 202).collect::<Vec<_>>());
+    assert_eq!(app.logged().await, 600);
+    app.stop().await;
+}
+crate::both_backends!(overlapping_batches, concurrent_overlapping_pushes);
+
 #[tokio::test]
 async fn rotated_secrets_are_both_accepted() {
     let db = TestDb::sqlite();

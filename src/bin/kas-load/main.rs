@@ -52,8 +52,8 @@ pub struct Options {
     /// Length of each measured phase, in seconds
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
-    /// Webhook connections for the throughput floods
-    #[arg(long, default_value_t = 64)]
+    /// Webhook connections for the throughput floods (closed loop: throughput ≈ connections ÷ latency)
+    #[arg(long, default_value_t = 96)]
     pub concurrency: usize,
     /// Connected agent streams (each its own HTTP/2 connection)
     #[arg(long, default_value_t = 10_000)]

@@ -471,15 +471,31 @@ async fn connect_agents(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let bare = server.usage();
     let started = Instant::now();
+    let retries = Arc::new(AtomicU64::new(0));
     let mut ready = Vec::with_capacity(tokens.len());
     for ((i, token), connection) in tokens.iter().enumerate().zip(connections) {
         let (tx, rx) = oneshot::channel();
         ready.push(rx);
-        let (token, tracker, semaphore) = (token.clone(), tracker.clone(), semaphore.clone());
+        let (token, tracker, semaphore, retries) = (token.clone(), tracker.clone(), semaphore.clone(), retries.clone());
         tokio::spawn(async move {
             let permit = semaphore.acquire_owned().await.expect("semaphore");
             let projects = [format!("load/a{i}"), PUBLIC.to_owned()];
-            let mut stream = match crate::agents::open(connection, addr, &token, &projects).await {
+            // A connection lost during setup (an OS-level reset) is retried on a new one and
+            // counted; a refusal by the server (a gRPC status) is not retried.
+            let mut attempt = crate::agents::open(connection, addr, &token, &projects).await;
+            for _ in 0..3 {
+                match &attempt {
+                    Err(e) if !e.starts_with("refused") => {
+                        retries.fetch_add(1, Ordering::Relaxed);
+                        attempt = match crate::agents::connect(addr).await {
+                            Ok(c) => crate::agents::open(c, addr, &token, &projects).await,
+                            Err(e) => Err(e),
+                        };
+                    }
+                    _ => break,
+                }
+            }
+            let mut stream = match attempt {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -507,6 +523,10 @@ async fn connect_agents(
     }
     if failures > 0 {
         return Err(format!("{failures} agent streams failed to open: {}", first_error.unwrap_or_default()));
+    }
+    let retried = retries.load(Ordering::Relaxed);
+    if retried > 0 {
+        println!("  ({retried} stream setups were retried on a new connection after a transport error)");
     }
     Ok((started.elapsed(), bare))
 }
