@@ -43,23 +43,5 @@ async fn serve(settings: Settings) -> Result<(), String> {
     );
     let config = settings.resolve().map_err(|e| e.to_string())?;
     let listeners = kas::Listeners::bind(&config).await.map_err(|e| e.to_string())?;
-    kas::serve(config, listeners, shutdown_signal()).await.map_err(|e| e.to_string())
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    kas::serve(config, listeners, kas::server::shutdown_signal()).await.map_err(|e| e.to_string())
 }

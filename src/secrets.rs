@@ -8,6 +8,14 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{Config, Secret};
 
+/// The credential of an `Authorization: Bearer <credential>` value (scheme case-insensitive);
+/// `None` for another scheme or an empty credential.
+pub fn bearer_credential(value: &str) -> Option<&str> {
+    let (scheme, credential) = value.split_once(' ')?;
+    let credential = credential.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !credential.is_empty()).then_some(credential)
+}
+
 /// Length GitLab's `.gitlab_kas_secret` must have once decoded.
 const GITLAB_SECRET_LEN: usize = 32;
 
@@ -89,8 +97,8 @@ fn generate_webhook_secret(path: &Path) -> Result<(), SecretError> {
     writeln!(file, "{secret}").map_err(io_err(path))
 }
 
-/// One secret per non-empty line; surrounding whitespace is not part of a secret.
-fn read_webhook_secrets(path: &Path) -> Result<Vec<Secret<Vec<u8>>>, SecretError> {
+/// One secret per non-empty line; surrounding whitespace is not part of a secret. Never empty.
+pub fn read_webhook_secrets(path: &Path) -> Result<Vec<Secret<Vec<u8>>>, SecretError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let secrets: Vec<_> =
         text.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| Secret::new(l.as_bytes().to_vec())).collect();

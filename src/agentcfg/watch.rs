@@ -84,11 +84,7 @@ impl ConfigWatch {
     /// Records that `agent`'s configuration is at `version`, waking its streams if that is new.
     pub fn announce(&self, agent: AgentId, version: String) {
         if let Some(w) = self.watches.lock().expect("watch lock").agents.get(&agent) {
-            w.version.send_if_modified(|v| {
-                let changed = *v != version;
-                *v = version;
-                changed
-            });
+            set_version(&w.version, version);
         }
     }
 
@@ -106,6 +102,15 @@ impl ConfigWatch {
         changes.mark_unchanged();
         ConfigSubscription { watch: self.clone(), agent: agent.id, changes }
     }
+}
+
+/// Stores `version`, waking the subscribers only when it differs from the one they saw.
+fn set_version(tx: &watch::Sender<String>, version: String) {
+    tx.send_if_modified(|v| {
+        let changed = *v != version;
+        *v = version;
+        changed
+    });
 }
 
 impl LocalDelivery for ConfigWatch {
@@ -130,11 +135,7 @@ impl LocalDelivery for ConfigWatch {
             let agents: Vec<AgentIdentity> = pushed.iter().map(|(a, _)| a.clone()).collect();
             for (agent, version) in source.versions(&agents).await {
                 if let Some((_, tx)) = pushed.iter().find(|(a, _)| a.id == agent) {
-                    tx.send_if_modified(|v| {
-                        let changed = *v != version;
-                        *v = version;
-                        changed
-                    });
+                    set_version(tx, version);
                 }
             }
         });

@@ -28,9 +28,9 @@ struct Answer {
 
 /// Runs `kas agents`.
 pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), CliError> {
-    let secret = std::fs::read_to_string(&args.secret_file)
-        .map_err(|e| CliError::Other(format!("--secret-file {}: {e}", args.secret_file.display())))?;
-    let secret = secret.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default().to_owned();
+    let secrets = crate::secrets::read_webhook_secrets(&args.secret_file)
+        .map_err(|e| CliError::Other(format!("--secret-file {e}")))?;
+    let secret = String::from_utf8_lossy(secrets[0].expose()).into_owned();
     let url = format!("{}/agents", args.addr.trim_end_matches('/'));
     let response = reqwest::Client::new()
         .get(&url)

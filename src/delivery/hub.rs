@@ -401,11 +401,6 @@ impl Hub {
         self.watched.lock().expect("watched lock").insert(id, (credential, revoked.clone()));
         CredentialGuard { hub: self.clone(), id, revoked }
     }
-
-    /// Number of open streams.
-    pub fn stream_count(&self) -> usize {
-        self.streams.lock().expect("streams lock").len()
-    }
 }
 
 impl LocalDelivery for Hub {

@@ -49,13 +49,6 @@ impl LocalDelivery for DeliverToAll {
     }
 }
 
-/// A `LocalDelivery` for a server with no agent streams (and for tests of the intake alone).
-pub struct NoDelivery;
-
-impl LocalDelivery for NoDelivery {
-    fn deliver(&self, _: &[PushNotice]) {}
-}
-
 /// One open agent stream, as the connection state lists it across replicas.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionRecord {

@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sha2::{Digest, Sha256};
 
 use super::client::{GitLabClient, GitLabError};
 use crate::config::Secret;
@@ -68,9 +67,12 @@ impl RefusalKind {
     }
 }
 
-/// A stable id for a token, without keeping its digest around as text.
-fn credential_of(digest: &[u8]) -> i64 {
-    i64::from_le_bytes(digest[..8].try_into().expect("sha256 is 32 bytes")) & i64::MAX
+/// The refusal-cache key (the token's SHA-256 in hex, as the registry stores digests) and a
+/// numeric credential id derived from it.
+fn token_key(token: &AgentToken) -> (String, i64) {
+    let digest = token.digest();
+    let credential = i64::from_str_radix(&digest.as_str()[..15], 16).expect("hex digest");
+    (digest.as_str().to_owned(), credential)
 }
 
 impl GitLabDirectory {
@@ -128,9 +130,7 @@ impl GitLabDirectory {
 #[async_trait]
 impl AgentDirectory for GitLabDirectory {
     async fn authenticate(&self, token: &AgentToken) -> Result<AgentIdentity, IdentityError> {
-        let digest = Sha256::digest(token.expose().as_bytes());
-        let key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        let credential = credential_of(&digest);
+        let (key, credential) = token_key(token);
         if let Some((at, kind)) = self.refused.lock().expect("refused lock").get(&key).copied()
             && at.elapsed() < REFUSAL_TTL
         {
@@ -162,8 +162,8 @@ impl AgentDirectory for GitLabDirectory {
         };
         let mut revoked = Vec::new();
         for (credential, token) in due {
-            let digest = Sha256::digest(token.expose().as_bytes());
-            let key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            let Some(presented) = AgentToken::from_presented(token.expose()) else { continue };
+            let (key, _) = token_key(&presented);
             match self.ask(token.expose(), &key, credential).await {
                 Ok(_) => {}
                 Err(IdentityError::Unavailable(e)) => {

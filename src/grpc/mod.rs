@@ -101,13 +101,8 @@ pub(crate) fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
         .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?
         .to_str()
         .map_err(|_| Status::unauthenticated("malformed authorization metadata"))?;
-    let (scheme, credential) =
-        value.split_once(' ').ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))?;
-    let credential = credential.trim();
-    if !scheme.eq_ignore_ascii_case("bearer") || credential.is_empty() {
-        return Err(Status::unauthenticated("authorization must be 'Bearer <token>'"));
-    }
-    Ok(credential)
+    crate::secrets::bearer_credential(value)
+        .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))
 }
 
 /// Checks the JWT GitLab sends on the GitLab-facing listener.

@@ -79,9 +79,8 @@ async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> 
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim().as_bytes())
+        .and_then(crate::secrets::bearer_credential)
+        .map(str::as_bytes)
         .unwrap_or_default();
     if !app.secrets.webhook_token_matches(presented) {
         app.metrics.auth_failure("admin");

@@ -22,7 +22,7 @@ pub async fn serve(args: Vec<String>) -> Result<(), String> {
         "{}",
         serde_json::json!({"http": addr(&listeners.http), "agent": addr(&listeners.agent), "api": addr(&listeners.api)})
     );
-    kas::serve(config, listeners, terminated()).await.map_err(|e| e.to_string())
+    kas::serve(config, listeners, kas::server::shutdown_signal()).await.map_err(|e| e.to_string())
 }
 
 /// `kas-load axum-child`: `POST /webhooks/gitlab` reads the body and answers 202, nothing else.
@@ -33,15 +33,7 @@ pub async fn bare_axum() -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("{}", serde_json::json!({"http": addr.to_string()}));
-    axum::serve(listener, app).with_graceful_shutdown(terminated()).await.map_err(|e| e.to_string())
-}
-
-async fn terminated() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    axum::serve(listener, app).with_graceful_shutdown(kas::server::shutdown_signal()).await.map_err(|e| e.to_string())
 }
 
 /// `kas-load h2-child`: bare hyper HTTP/2 that answers every request with a 200 whose body never
@@ -54,7 +46,7 @@ pub async fn bare_h2() -> Result<(), String> {
     loop {
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => accepted.map_err(|e| e.to_string())?,
-            _ = terminated() => return Ok(()),
+            _ = kas::server::shutdown_signal() => return Ok(()),
         };
         tokio::spawn(async move {
             let service = hyper::service::service_fn(|_req| async {
