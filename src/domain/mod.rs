@@ -10,7 +10,7 @@ pub mod push;
 
 pub use access::may_notify;
 pub use agent::{AgentId, AgentName, AgentToken, TokenDigest};
-pub use project::{ProjectInfo, ProjectPath, RepositoryAccess, Visibility};
+pub use project::{ProjectInfo, ProjectPath, ProjectUpdate, RepositoryAccess, Visibility, merged_visibility};
 pub use push::{PushEvent, PushKind};
 
 /// A value the domain refused, with the reason in words a user can act on.

@@ -93,6 +93,11 @@ impl Visibility {
         }
     }
 
+    /// The more restrictive of two levels (private < internal < public).
+    pub fn most_restrictive(self, other: Self) -> Self {
+        if other.level() < self.level() { other } else { self }
+    }
+
     /// The lower-case name used in the CLI and the database.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -170,6 +175,64 @@ pub struct ProjectInfo {
     pub visibility: Option<Visibility>,
     /// Repository feature access.
     pub repository_access: RepositoryAccess,
+}
+
+/// What one batch of pushes says about one project, merged: the newest path, and the most
+/// restrictive visibility any of them carried (none when none carried it).
+///
+/// Two doors report the same push: a webhook (with visibility) and GitLab's `GitPushEvent`
+/// (without). When they land in one batch, the one without visibility must not erase what the
+/// other said, and of two contradicting payloads the one that opens less wins, so a race can
+/// only ever close a project, never open it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectUpdate {
+    /// GitLab's project id.
+    pub id: i64,
+    /// The path of the newest push.
+    pub path: ProjectPath,
+    /// The most restrictive visibility carried, if any push carried one.
+    pub visibility: Option<Visibility>,
+    /// Receipt time of the newest push (Unix milliseconds).
+    pub seen_at: i64,
+}
+
+impl ProjectUpdate {
+    /// Starts from one push.
+    pub fn new(id: i64, path: ProjectPath, visibility: Option<Visibility>, seen_at: i64) -> Self {
+        Self { id, path, visibility, seen_at }
+    }
+
+    /// Folds in another push for the same project; a later one (or an equally timed one seen
+    /// after) provides the path.
+    pub fn merge(&mut self, path: &ProjectPath, visibility: Option<Visibility>, seen_at: i64) {
+        if seen_at >= self.seen_at {
+            self.path = path.clone();
+            self.seen_at = seen_at;
+        }
+        self.visibility = match (self.visibility, visibility) {
+            (Some(a), Some(b)) => Some(a.most_restrictive(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// The registry's visibility after an update that was merged from pushes: a push without
+/// visibility never changes it, except that knowledge about another path does not carry over to
+/// a new one (a renamed or re-used project id starts unknown, i.e. private); newer news replaces
+/// older; older news that arrives late can only make a project more private.
+pub fn merged_visibility(
+    stored: Option<(&ProjectPath, Option<Visibility>, i64)>,
+    update: &ProjectUpdate,
+) -> Option<Visibility> {
+    let Some((stored_path, stored_visibility, stored_at)) = stored else {
+        return update.visibility;
+    };
+    match update.visibility {
+        None if stored_path != &update.path && update.seen_at >= stored_at => None,
+        None => stored_visibility,
+        Some(v) if update.seen_at >= stored_at => Some(v),
+        Some(v) => Some(stored_visibility.unwrap_or(Visibility::Private).most_restrictive(v)),
+    }
 }
 
 #[cfg(test)]

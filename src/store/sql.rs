@@ -74,6 +74,35 @@ pub(super) fn kind_from_stored(kind: &str) -> Result<PushKind, StoreError> {
     PushKind::from_stored(kind).ok_or_else(|| StoreError::Corrupt(format!("unknown push kind {kind:?}")))
 }
 
+/// Rank of a stored visibility (private < internal < public); unknown ranks as private.
+macro_rules! visibility_rank {
+    ($col:literal) => {
+        concat!("(CASE ", $col, " WHEN 'public' THEN 2 WHEN 'internal' THEN 1 ELSE 0 END)")
+    };
+}
+
+/// The upsert tail of a merged project update (see `domain::merged_visibility`, which this
+/// mirrors): newer news replaces the path and visibility; a push without visibility keeps it,
+/// unless it moves the project to another path (knowledge about the old path does not carry
+/// over); late older news can only make the project more private.
+pub(super) const MERGE_PROJECT_ON_CONFLICT: &str = concat!(
+    " ON CONFLICT (id) DO UPDATE SET ",
+    "visibility = CASE ",
+    "WHEN excluded.visibility IS NULL AND excluded.updated_at >= projects.updated_at ",
+    "AND excluded.full_path <> projects.full_path THEN NULL ",
+    "WHEN excluded.visibility IS NULL THEN projects.visibility ",
+    "WHEN excluded.updated_at >= projects.updated_at THEN excluded.visibility ",
+    "WHEN ",
+    visibility_rank!("projects.visibility"),
+    " <= ",
+    visibility_rank!("excluded.visibility"),
+    " THEN COALESCE(projects.visibility, 'private') ",
+    "ELSE excluded.visibility END, ",
+    "full_path = CASE WHEN excluded.updated_at >= projects.updated_at THEN excluded.full_path ELSE projects.full_path END, ",
+    "updated_at = CASE WHEN excluded.updated_at >= projects.updated_at THEN excluded.updated_at ELSE projects.updated_at END ",
+    "RETURNING id, full_path, visibility, repository_access"
+);
+
 /// Maps a unique-constraint violation to a `Conflict` with the given message.
 pub(super) fn conflict_or(e: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
     match &e {
@@ -311,14 +340,22 @@ macro_rules! impl_store {
                 if batch.is_empty() {
                     return Ok(Vec::new());
                 }
-                // One registry row per project, the batch's last word on it winning, in id order:
-                // concurrent batches then lock project rows in the same order and cannot deadlock
-                // (PostgreSQL would abort one of them after deadlock_timeout).
-                let mut latest: std::collections::BTreeMap<i64, &NewPush> = std::collections::BTreeMap::new();
+                // One registry update per project, merged from the batch (newest path, most
+                // restrictive visibility carried), in id order: concurrent batches then lock
+                // project rows in the same order and cannot deadlock (PostgreSQL would abort one
+                // of them after deadlock_timeout).
+                let mut merged: std::collections::BTreeMap<i64, $crate::domain::ProjectUpdate> =
+                    std::collections::BTreeMap::new();
                 for push in batch {
-                    latest.insert(push.event.project_id, push);
+                    let e = &push.event;
+                    merged
+                        .entry(e.project_id)
+                        .and_modify(|u| u.merge(&e.project_path, e.visibility, push.received_at))
+                        .or_insert_with(|| {
+                            $crate::domain::ProjectUpdate::new(e.project_id, e.project_path.clone(), e.visibility, push.received_at)
+                        });
                 }
-                let projects: Vec<&NewPush> = latest.into_values().collect();
+                let projects: Vec<$crate::domain::ProjectUpdate> = merged.into_values().collect();
                 // Events in key order, for the same reason (a redelivery racing in another batch).
                 let mut events: Vec<&NewPush> = batch.iter().collect();
                 events.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
@@ -327,24 +364,19 @@ macro_rules! impl_store {
                     "INSERT INTO projects (id, full_path, visibility, repository_access, updated_at) ",
                 );
                 q.push_values(&projects, |mut row, p| {
-                    row.push_bind(p.event.project_id)
-                        .push_bind(p.event.project_path.as_str())
-                        .push_bind(p.event.visibility.map(|v| v.as_str()))
+                    row.push_bind(p.id)
+                        .push_bind(p.path.as_str())
+                        .push_bind(p.visibility.map(|v| v.as_str()))
                         .push_bind($crate::domain::RepositoryAccess::default().as_str())
-                        .push_bind(p.received_at);
+                        .push_bind(p.seen_at);
                 });
-                // Visibility only changes when the push carries it; repository access is the
-                // operator's (the webhook does not carry it).
-                q.push(
-                    " ON CONFLICT (id) DO UPDATE SET full_path = excluded.full_path, \
-                     visibility = COALESCE(excluded.visibility, projects.visibility), updated_at = excluded.updated_at \
-                     RETURNING id, full_path, visibility, repository_access",
-                );
+                // `domain::merged_visibility` in SQL, so the read and the write are one atomic
+                // statement on both backends. Repository access is the operator's (the webhook
+                // does not carry it).
+                q.push($crate::store::sql::MERGE_PROJECT_ON_CONFLICT);
                 let rows: Vec<(i64, String, Option<String>, String)> = q.build_query_as().fetch_all(&mut *tx).await?;
-                let readable: std::collections::HashMap<i64, bool> = rows
-                    .into_iter()
-                    .map(|(id, p, v, a)| (id, world_readable(&p, id, Some(p.clone()), v, Some(a))))
-                    .collect();
+                let registry: std::collections::HashMap<i64, (String, Option<String>, String)> =
+                    rows.into_iter().map(|(id, p, v, a)| (id, (p, v, a))).collect();
 
                 let mut q = sqlx::QueryBuilder::<$db>::new(
                     "INSERT INTO push_events (idempotency_key, project_id, project_path, kind, git_ref, before_sha, \
@@ -375,7 +407,17 @@ macro_rules! impl_store {
                             seq,
                             project_id: p.event.project_id,
                             project_path: p.event.project_path.clone(),
-                            world_readable: readable.get(&p.event.project_id).copied().unwrap_or(false),
+                            // The pushed path against the registry row as this transaction left
+                            // it: a push under a path the project no longer has is not public.
+                            world_readable: registry.get(&p.event.project_id).is_some_and(|(path, v, a)| {
+                                world_readable(
+                                    p.event.project_path.as_str(),
+                                    p.event.project_id,
+                                    Some(path.clone()),
+                                    v.clone(),
+                                    Some(a.clone()),
+                                )
+                            }),
                             received_at: p.received_at,
                         }),
                         None => RecordOutcome::Duplicate,

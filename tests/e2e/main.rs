@@ -7,6 +7,7 @@ mod cli;
 mod gitlab_mode;
 mod intake;
 mod replicas;
+mod security;
 mod server;
 mod store_story;
 mod streams;
