@@ -67,6 +67,10 @@ pub struct Metrics {
     pub auth_failures: Family<NameLabel, Counter>,
     /// Engine (Redis) connection failures.
     pub engine_errors: Counter,
+    /// Announced sequence numbers the event log does not hold (forged or pruned).
+    pub events_unknown_announced: Counter,
+    /// Values in Redis that kas did not sign (positions, refusals): someone else wrote them.
+    pub engine_forgeries: Counter,
     /// Calls to GitLab by call and result.
     pub gitlab_calls: Family<CallLabel, Counter>,
 }
@@ -100,6 +104,8 @@ impl Metrics {
             connected_agents: Gauge::default(),
             auth_failures: Family::default(),
             engine_errors: Counter::default(),
+            events_unknown_announced: Counter::default(),
+            engine_forgeries: Counter::default(),
             gitlab_calls: Family::default(),
             registry: Registry::default(),
         };
@@ -144,6 +150,16 @@ impl Metrics {
         registry.register("connected_agents", "Agents with an open stream on this replica", m.connected_agents.clone());
         registry.register("auth_failures", "Rejected credentials by listener", m.auth_failures.clone());
         registry.register("engine_errors", "Engine (Redis) operation failures", m.engine_errors.clone());
+        registry.register(
+            "events_unknown_announced",
+            "Sequence numbers announced on the events channel that the event log does not hold",
+            m.events_unknown_announced.clone(),
+        );
+        registry.register(
+            "engine_forgeries",
+            "Values found in Redis without kas's signature (ignored)",
+            m.engine_forgeries.clone(),
+        );
         registry.register("gitlab_calls", "Calls to GitLab by call and result", m.gitlab_calls.clone());
         Metrics { registry, ..m }
     }

@@ -14,6 +14,11 @@
 //!   and multi-key commands (RENAME of the connection table) stay legal.
 //! - Redis down never refuses an agent: positions fall back to the database, connection state
 //!   is rewritten by the next heartbeat, and the outbox keeps unpublished events in the log.
+//! - Redis is not trusted with what matters (docs/security.md): a message on the channel
+//!   carries only sequence numbers, and each replica reads those events, their paths and the
+//!   project's visibility from the database; a number that is not in the log delivers nothing.
+//!   Delivery positions and refusals left in Redis carry an HMAC under a key that lives in the
+//!   database, so whoever can write to Redis but not read the database cannot forge them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
+use hmac::{Hmac, Mac};
 use redis::aio::{MultiplexedConnection, PubSub};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -30,7 +36,8 @@ use redis::{AsyncConnectionConfig, Client, FromRedisValue, Pipeline, RedisConnec
 use serde::{Deserialize, Serialize};
 
 use super::{ConnectionRecord, Engine, EngineContext, EngineError, PodFilter, PodRecord};
-use crate::domain::{AgentId, ProjectPath};
+use crate::config::Secret;
+use crate::domain::AgentId;
 use crate::metrics::Metrics;
 use crate::store::{DeliveryPosition, PushNotice, now_ms};
 
@@ -51,6 +58,9 @@ const FULL_REWRITE_EVERY: u32 = 12;
 const CATCH_UP_OVERLAP_MS: i64 = 30_000;
 /// Events read from the log per catch-up query.
 const CATCH_UP_PAGE: i64 = 5000;
+/// Most sequence numbers read from the channel before they are looked up in one query; more
+/// in one message are ignored (no replica publishes that many at once).
+const MAX_SEQS_PER_LOOKUP: usize = 5000;
 
 /// Where Redis is, from `KAS_REDIS_URL`.
 pub enum RedisTarget {
@@ -219,14 +229,32 @@ impl Keys {
     }
 }
 
-/// What travels on the channel.
+/// What travels on the channel: which events were recorded, nothing about them. Receivers
+/// read the events from the database, so a forged message can make a replica look up numbers,
+/// never deliver what the log does not hold or decide who may see it.
 #[derive(Serialize, Deserialize)]
 struct Envelope {
-    /// Publishing replica.
+    /// Publishing replica instance (unique per process, even when two replicas share a name).
     r: String,
-    /// Events: `[seq, project_id, path, world_readable, received_at]`.
+    /// Sequence numbers of the recorded events.
     #[serde(default)]
-    e: Vec<(i64, i64, String, bool, i64)>,
+    s: Vec<i64>,
+}
+
+/// HMAC-SHA256 under the engine key of `parts`, hex.
+fn sign(key: &[u8], parts: &[&str]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    for p in parts {
+        mac.update(p.as_bytes());
+        mac.update(b"\0");
+    }
+    crate::domain::agent::hex(&mac.finalize().into_bytes())
+}
+
+/// Whether `tag` is the HMAC of `parts`, in constant time.
+fn verify(key: &[u8], parts: &[&str], tag: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    sign(key, parts).as_bytes().ct_eq(tag.as_bytes()).into()
 }
 
 /// The Redis engine.
@@ -235,7 +263,11 @@ pub struct RedisEngine {
     conn: tokio::sync::Mutex<Option<Conn>>,
     last_connect_failure: Mutex<Option<Instant>>,
     keys: Keys,
+    /// This process: the configured replica name and a random suffix, so two replicas given the
+    /// same name neither drop each other's events nor share a connection table.
     replica: String,
+    /// Signs what this engine leaves in Redis (positions, refusals); shared through the database.
+    key: Secret<Vec<u8>>,
     position_ttl: Duration,
     local_connections: Mutex<HashMap<String, ConnectionRecord>>,
     /// Registrations taken by this replica, rewritten by the heartbeat after a Redis failure.
@@ -249,20 +281,25 @@ pub struct RedisEngine {
 }
 
 impl RedisEngine {
-    /// An engine for `target`; nothing is contacted until it is used.
+    /// An engine for `target`; nothing is contacted until it is used. `key` signs what the
+    /// engine leaves in Redis: every replica must be given the same one (from the database).
     pub fn new(
         target: RedisTarget,
         prefix: &str,
         replica: &str,
+        key: Secret<Vec<u8>>,
         replay_window: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let mut suffix = [0u8; 4];
+        getrandom::fill(&mut suffix).expect("system randomness");
         Self {
             target,
             conn: tokio::sync::Mutex::new(None),
             last_connect_failure: Mutex::new(None),
             keys: Keys::new(prefix),
-            replica: replica.to_owned(),
+            replica: format!("{replica}#{}", crate::domain::agent::hex(&suffix)),
+            key,
             // Positions outlive the window they serve, then expire on their own.
             position_ttl: (replay_window * 2).max(Duration::from_secs(3600)),
             local_connections: Mutex::default(),
@@ -328,7 +365,8 @@ impl RedisEngine {
         Err(EngineError::Unavailable(error))
     }
 
-    fn on_message(&self, ctx: &EngineContext, payload: &[u8]) {
+    /// The sequence numbers a message announces, unless this replica published it.
+    fn announced(&self, payload: &[u8], into: &mut Vec<i64>) {
         let envelope: Envelope = match serde_json::from_slice(payload) {
             Ok(e) => e,
             Err(e) => {
@@ -339,19 +377,45 @@ impl RedisEngine {
         if envelope.r == self.replica {
             return; // delivered locally when it was recorded
         }
-        let notices: Vec<PushNotice> = envelope
-            .e
-            .into_iter()
-            .filter_map(|(seq, project_id, path, world_readable, received_at)| {
-                Some(PushNotice {
-                    seq,
-                    project_id,
-                    project_path: ProjectPath::parse(&path).ok()?,
-                    world_readable,
-                    received_at,
-                })
-            })
-            .collect();
+        let room = MAX_SEQS_PER_LOOKUP.saturating_sub(into.len());
+        if envelope.s.len() > room {
+            tracing::warn!(
+                seqs = envelope.s.len(),
+                "ignoring the excess of an oversized message on the events channel"
+            );
+        }
+        into.extend(envelope.s.into_iter().filter(|s| *s > 0).take(room));
+    }
+
+    /// Reads the announced events from the log and hands them to local delivery. A number the
+    /// log does not hold is dropped here: the database, not the message, says what happened.
+    async fn deliver_announced(&self, ctx: &EngineContext, mut seqs: Vec<i64>) {
+        seqs.sort_unstable();
+        seqs.dedup();
+        if seqs.is_empty() {
+            return;
+        }
+        let mut backoff = Duration::from_millis(50);
+        let notices = loop {
+            match ctx.store.pushes_by_seq(&seqs).await {
+                Ok(n) => break n,
+                // The event is in the log (it was published after its commit); a database hiccup
+                // delays it, and the catch-up after any gap would find it too.
+                Err(e) if backoff < Duration::from_secs(2) && !ctx.shutdown.is_cancelled() => {
+                    tracing::debug!(error = %e, "cannot read announced events yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, events = seqs.len(), "cannot read announced events from the log");
+                    self.metrics.engine_errors.inc();
+                    return;
+                }
+            }
+        };
+        if notices.len() < seqs.len() {
+            ctx.metrics.events_unknown_announced.inc_by((seqs.len() - notices.len()) as u64);
+        }
         ctx.metrics.events_received_remote.inc_by(notices.len() as u64);
         ctx.local.deliver(&notices);
     }
@@ -428,7 +492,23 @@ impl RedisEngine {
                 tokio::select! {
                     _ = ctx.shutdown.cancelled() => return,
                     message = stream.next() => match message {
-                        Some(m) => self.on_message(&ctx, m.get_payload_bytes()),
+                        Some(m) => {
+                            // Everything already waiting goes into one database lookup.
+                            let mut seqs = Vec::new();
+                            self.announced(m.get_payload_bytes(), &mut seqs);
+                            let mut ended = false;
+                            while seqs.len() < MAX_SEQS_PER_LOOKUP {
+                                match stream.next().now_or_never() {
+                                    Some(Some(m)) => self.announced(m.get_payload_bytes(), &mut seqs),
+                                    Some(None) => { ended = true; break; }
+                                    None => break,
+                                }
+                            }
+                            self.deliver_announced(&ctx, seqs).await;
+                            if ended {
+                                break;
+                            }
+                        }
                         None => break,
                     },
                     _ = ping.tick() => {
@@ -536,13 +616,7 @@ impl RedisEngine {
     }
 
     fn publishable(&self, notices: &[PushNotice]) -> Vec<u8> {
-        let envelope = Envelope {
-            r: self.replica.clone(),
-            e: notices
-                .iter()
-                .map(|n| (n.seq, n.project_id, n.project_path.to_string(), n.world_readable, n.received_at))
-                .collect(),
-        };
+        let envelope = Envelope { r: self.replica.clone(), s: notices.iter().map(|n| n.seq).collect() };
         serde_json::to_vec(&envelope).expect("serializable")
     }
 }
@@ -589,7 +663,7 @@ impl Engine for RedisEngine {
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
             .arg(self.keys.position(agent))
-            .arg(format!("{}:{}", position.seq, position.at))
+            .arg(self.signed_position(agent, position))
             .arg("EX")
             .arg(self.position_ttl.as_secs())
             .ignore();
@@ -601,10 +675,16 @@ impl Engine for RedisEngine {
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(self.keys.position(agent));
         let (value,): (Option<String>,) = self.run(&pipe).await?;
-        Ok(value.and_then(|v| {
-            let (seq, at) = v.split_once(':')?;
-            Some(DeliveryPosition { seq: seq.parse().ok()?, at: at.parse().ok()? })
-        }))
+        let Some(value) = value else { return Ok(None) };
+        match self.verified_position(agent, &value) {
+            Some(p) => Ok(Some(p)),
+            None => {
+                // Someone who can write to Redis wrote it: ignore it, and the database copy rules.
+                tracing::warn!(agent, "ignoring a delivery position in Redis that kas did not sign");
+                self.metrics.engine_forgeries.inc();
+                Ok(None)
+            }
+        }
     }
 
     async fn connection_opened(&self, record: ConnectionRecord) {
@@ -708,7 +788,8 @@ impl Engine for RedisEngine {
             return;
         }
         let mut pipe = redis::pipe();
-        pipe.cmd("SET").arg(self.keys.refusal(key)).arg(1).arg("EX").arg(ttl.as_secs().max(1)).ignore();
+        let tag = sign(self.key.expose(), &["refused", key]);
+        pipe.cmd("SET").arg(self.keys.refusal(key)).arg(tag).arg("EX").arg(ttl.as_secs().max(1)).ignore();
         let _ = self.run::<()>(&pipe).await;
     }
 
@@ -717,12 +798,38 @@ impl Engine for RedisEngine {
             return false;
         }
         let mut pipe = redis::pipe();
-        pipe.cmd("EXISTS").arg(self.keys.refusal(key));
-        matches!(self.run::<(i64,)>(&pipe).await, Ok((1,)))
+        pipe.cmd("GET").arg(self.keys.refusal(key));
+        match self.run::<(Option<String>,)>(&pipe).await {
+            Ok((Some(tag),)) => {
+                let genuine = verify(self.key.expose(), &["refused", key], &tag);
+                if !genuine {
+                    self.metrics.engine_forgeries.inc();
+                }
+                genuine
+            }
+            _ => false,
+        }
     }
 }
 
 impl RedisEngine {
+    /// `seq:at:hmac` of a position, bound to the agent.
+    fn signed_position(&self, agent: AgentId, p: DeliveryPosition) -> String {
+        let (seq, at) = (p.seq.to_string(), p.at.to_string());
+        let tag = sign(self.key.expose(), &["position", &agent.to_string(), &seq, &at]);
+        format!("{seq}:{at}:{tag}")
+    }
+
+    /// The position in `value` if this deployment signed it for this agent.
+    fn verified_position(&self, agent: AgentId, value: &str) -> Option<DeliveryPosition> {
+        let mut parts = value.splitn(3, ':');
+        let (seq, at, tag) = (parts.next()?, parts.next()?, parts.next()?);
+        if !verify(self.key.expose(), &["position", &agent.to_string(), seq, at], tag) {
+            return None;
+        }
+        Some(DeliveryPosition { seq: seq.parse().ok()?, at: at.parse().ok()? })
+    }
+
     async fn pods_of(&self, agents: &[String]) -> Result<Vec<PodRecord>, EngineError> {
         if agents.is_empty() {
             return Ok(Vec::new());

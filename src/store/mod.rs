@@ -256,6 +256,12 @@ pub trait Store: Send + Sync + 'static {
         projects: &[String],
         limit: i64,
     ) -> Result<Vec<PushNotice>, StoreError>;
+    /// The recorded events with these sequence numbers (unknown ones are skipped), in sequence
+    /// order; visibility as the registry says now.
+    async fn pushes_by_seq(&self, seqs: &[i64]) -> Result<Vec<PushNotice>, StoreError>;
+    /// The shared key called `name`: the stored one, or `candidate` when none was stored yet
+    /// (the first replica to ask stores its candidate; every other one reads it).
+    async fn shared_key(&self, name: &str, candidate: &str, now: i64) -> Result<String, StoreError>;
     /// The highest sequence number recorded so far (0 when the log is empty).
     async fn last_seq(&self) -> Result<i64, StoreError>;
     /// Deletes events received before `before`, at most `limit`; returns how many.

@@ -507,6 +507,43 @@ macro_rules! impl_store {
                 rows.into_iter().map(notice_from_row).collect()
             }
 
+            async fn pushes_by_seq(&self, seqs: &[i64]) -> Result<Vec<PushNotice>, StoreError> {
+                let mut found = Vec::with_capacity(seqs.len());
+                for chunk in seqs.chunks(1000) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT e.seq, e.project_id, e.project_path, e.received_at, p.full_path, p.visibility, p.repository_access \
+                         FROM push_events e LEFT JOIN projects p ON p.id = e.project_id WHERE e.seq IN (",
+                    );
+                    let mut list = q.separated(", ");
+                    for seq in chunk {
+                        list.push_bind(*seq);
+                    }
+                    q.push(") ORDER BY e.seq");
+                    #[allow(clippy::type_complexity)]
+                    let rows: Vec<(i64, i64, String, i64, Option<String>, Option<String>, Option<String>)> =
+                        q.build_query_as().fetch_all(&self.pool).await?;
+                    for row in rows {
+                        found.push(notice_from_row(row)?);
+                    }
+                }
+                found.sort_by_key(|n| n.seq);
+                Ok(found)
+            }
+
+            async fn shared_key(&self, name: &str, candidate: &str, now: i64) -> Result<String, StoreError> {
+                sqlx::query("INSERT INTO engine_keys (name, secret, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING")
+                    .bind(name)
+                    .bind(candidate)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                let (secret,): (String,) = sqlx::query_as("SELECT secret FROM engine_keys WHERE name = $1")
+                    .bind(name)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(secret)
+            }
+
             async fn last_seq(&self) -> Result<i64, StoreError> {
                 let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM push_events").fetch_one(&self.pool).await?;
                 Ok(seq.unwrap_or(0))

@@ -107,3 +107,96 @@ crate::both_backends!(visibility_merge, visibility_merge_story);
 
 #[allow(dead_code)]
 const SOON: Duration = Duration::from_secs(5);
+
+fn with_redis(url: String, prefix: String, replica: Option<&str>) -> impl Fn(&mut kas::config::Settings) {
+    let replica = replica.map(str::to_owned);
+    move |s| {
+        s.redis_url = Some(url.clone());
+        s.redis_prefix = Some(prefix.clone());
+        if let Some(r) = &replica {
+            s.replica_name = Some(r.clone());
+        }
+    }
+}
+
+async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(crate::support::redis::SHARED).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+/// Whoever can publish to Redis cannot make an agent hear about a project the access rule
+/// refuses, cannot move a replica's idea of the log forward so real events are dropped, and
+/// cannot forge a delivery position that skips what an agent missed. Two replicas configured
+/// with one name still hear each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_redis_cannot_open_or_skip() {
+    use crate::support::agent::{TestAgent, drain, next_project};
+    let db = TestDb::postgres().await;
+    let prefix = crate::support::redis::prefix();
+    // Same replica name on purpose.
+    let a = crate::support::TestApp::spawn(
+        &db,
+        with_redis(crate::support::redis::SHARED.into(), prefix.clone(), Some("twin")),
+    )
+    .await;
+    let b = crate::support::TestApp::spawn(
+        &db,
+        with_redis(crate::support::redis::SHARED.into(), prefix.clone(), Some("twin")),
+    )
+    .await;
+    let (stranger, stranger_token) = a.create_agent("stranger", "other/config").await;
+    // A private project the stranger asks for, known to the registry.
+    assert_eq!(a.push(7, "secret/app", 0).await.status(), 202);
+    let agent = TestAgent::connect(b.agent, &stranger_token).await;
+    let mut s = agent.open(&["secret/app", "other/config", "pub/app"]).await.unwrap();
+
+    let mut conn = redis_conn().await;
+    let channel = format!("{{{prefix}}}:events");
+    let now = kas::store::now_ms();
+    let last = a.store.last_seq().await.unwrap();
+    for forged in [
+        // Today's format with a number the log does not hold, and far ahead of it.
+        serde_json::json!({"r": "attacker", "s": [last + 1, last + 2, 1_000_000_000]}),
+        // The old format, which carried the path and "readable by everyone".
+        serde_json::json!({"r": "attacker", "e": [[last + 1, 7, "secret/app", true, now]]}),
+        // A real number: delivers the real event, under the access rule, nothing more.
+        serde_json::json!({"r": "attacker", "s": [last]}),
+        serde_json::json!("garbage"),
+    ] {
+        let _: i64 = redis::cmd("PUBLISH").arg(&channel).arg(forged.to_string()).query_async(&mut conn).await.unwrap();
+    }
+    assert_eq!(drain(&mut s, Duration::from_millis(800)).await, Vec::<String>::new(), "forged messages delivered");
+    // Real events after the forgery still arrive (nothing moved the log forward), whichever twin
+    // recorded them.
+    assert_eq!(a.push(1, "other/config", 0).await.status(), 202);
+    assert_eq!(next_project(&mut s, SOON).await.as_deref(), Some("other/config"));
+    assert_eq!(a.push(2, "pub/app", 20).await.status(), 202);
+    assert_eq!(next_project(&mut s, SOON).await.as_deref(), Some("pub/app"));
+    assert!(b.metrics_text().await.contains("kas_events_unknown_announced_total 3"));
+
+    // A forged position far ahead does not make the agent skip what it missed.
+    drop(s);
+    drop(agent);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{{{prefix}}}:pos:{}", stranger.id))
+        .arg(format!("1000000000:{}", kas::store::now_ms()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let pos_keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{{{prefix}}}:pos*")).query_async(&mut conn).await.unwrap();
+    assert!(!pos_keys.is_empty(), "the position key name is {pos_keys:?}");
+    assert_eq!(a.push(1, "other/config", 0).await.status(), 202);
+    let agent = TestAgent::connect(a.agent, &stranger_token).await;
+    let mut s = agent.open(&["secret/app", "other/config", "pub/app"]).await.unwrap();
+    // (pub/app may come again: replay overlaps the position by design, docs/delivery.md.)
+    let replayed = drain(&mut s, Duration::from_millis(800)).await;
+    assert!(replayed.iter().any(|p| p == "other/config"), "missed push replayed: {replayed:?}");
+    assert!(!replayed.iter().any(|p| p == "secret/app"), "{replayed:?}");
+    assert!(a.metrics_text().await.contains("kas_engine_forgeries_total 1"));
+
+    a.stop().await;
+    b.stop().await;
+    crate::support::redis::cleanup(&prefix).await;
+    db.cleanup().await;
+}
