@@ -62,6 +62,7 @@ fn hub_with(
                 replay_window: Duration::from_secs(900),
                 replay_overlap: Duration::from_secs(120),
                 token_recheck: Duration::from_secs(3600),
+                credential_grace: Duration::from_secs(300),
                 replica: "bench".into(),
             },
         );

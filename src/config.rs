@@ -126,6 +126,10 @@ settings! {
     webhook_secret_file => "KAS_WEBHOOK_SECRET_FILE",
     /// File with GitLab's base64 shared secret (.gitlab_kas_secret); unset rejects GitLab calls
     gitlab_secret_file => "KAS_GITLAB_SECRET_FILE",
+    /// File with the admin secret for operator endpoints (GET /agents) [default: generated in the data dir]
+    admin_secret_file => "KAS_ADMIN_SECRET_FILE",
+    /// Longest time open streams keep serving while their credentials cannot be re-checked [default: 5m]
+    credential_grace => "KAS_CREDENTIAL_GRACE",
     /// How long an agent that reconnects still gets what it missed [default: 15m]
     replay_window => "KAS_REPLAY_WINDOW",
     /// How long recorded push events are kept [default: 7d]
@@ -198,6 +202,10 @@ pub struct Config {
     pub webhook_secret_file: Option<PathBuf>,
     /// GitLab's shared secret file.
     pub gitlab_secret_file: Option<PathBuf>,
+    /// Admin secret file; `None` means `<data dir>/admin-secret`, generated if missing.
+    pub admin_secret_file: Option<PathBuf>,
+    /// How long streams outlive failing credential re-checks before ending with UNAVAILABLE.
+    pub credential_grace: Duration,
     /// Replay window for reconnecting agents.
     pub replay_window: Duration,
     /// Retention of the push-event log.
@@ -260,6 +268,8 @@ impl Settings {
             redis_prefix,
             webhook_secret_file: s.webhook_secret_file.map(PathBuf::from),
             gitlab_secret_file: s.gitlab_secret_file.map(PathBuf::from),
+            admin_secret_file: s.admin_secret_file.map(PathBuf::from),
+            credential_grace: parse_duration_setting("credential_grace", s.credential_grace.as_deref(), "5m")?,
             replay_window: parse_duration_setting("replay_window", s.replay_window.as_deref(), "15m")?,
             event_retention: parse_duration_setting("event_retention", s.event_retention.as_deref(), "7d")?,
             webhook_body_limit: parse_size("webhook_body_limit", s.webhook_body_limit.as_deref().unwrap_or("1MiB"))?,

@@ -15,6 +15,7 @@ pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod engine;
+pub mod files;
 pub mod gitlab;
 pub mod gitlab_jwt;
 pub mod grpc;

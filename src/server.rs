@@ -236,6 +236,7 @@ fn hub_config(config: &Config) -> HubConfig {
         // Covers a connection that died silently until keepalive noticed (about 80 s).
         replay_overlap: std::time::Duration::from_secs(120).min(config.replay_window),
         token_recheck: config.token_recheck,
+        credential_grace: config.credential_grace,
         replica: config.replica_name.clone(),
     }
 }

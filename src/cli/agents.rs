@@ -11,9 +11,12 @@ pub struct AgentsArgs {
     /// Any replica's HTTP listener, e.g. http://127.0.0.1:8080
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub addr: String,
-    /// The webhook secret file (the route is guarded by it)
-    #[arg(long, env = "KAS_WEBHOOK_SECRET_FILE", default_value = "./kas-data/webhook-secret")]
-    pub secret_file: PathBuf,
+    /// The admin secret file [default: <data dir>/admin-secret]
+    #[arg(long, env = "KAS_ADMIN_SECRET_FILE")]
+    pub admin_secret_file: Option<PathBuf>,
+    /// The server's data directory, where it generated the admin secret
+    #[arg(long, env = "KAS_DATA_DIR", default_value = "./kas-data")]
+    pub data_dir: PathBuf,
     /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
@@ -28,9 +31,9 @@ struct Answer {
 
 /// Runs `kas agents`.
 pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), CliError> {
-    let secrets = crate::secrets::read_webhook_secrets(&args.secret_file)
-        .map_err(|e| CliError::Other(format!("--secret-file {e}")))?;
-    let secret = String::from_utf8_lossy(secrets[0].expose()).into_owned();
+    let file = args.admin_secret_file.unwrap_or_else(|| args.data_dir.join("admin-secret"));
+    let secret = crate::secrets::read_admin_secret(&file).map_err(|e| CliError::Other(format!("admin secret: {e}")))?;
+    let secret = String::from_utf8_lossy(secret.expose()).into_owned();
     let url = format!("{}/agents", args.addr.trim_end_matches('/'));
     let response = reqwest::Client::new()
         .get(&url)

@@ -9,9 +9,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::pending::Pending;
-use super::stream::ReconcileStream;
+use super::stream::{EndSignal, ReconcileStream, StreamEnd};
 use crate::engine::{ConnectionRecord, Engine, LocalDelivery};
-use crate::identity::{AgentDirectory, AgentIdentity};
+use crate::identity::{AgentDirectory, AgentIdentity, Rechecked};
 use crate::metrics::Metrics;
 use crate::store::{DeliveryPosition, PushNotice, Store, now_ms};
 
@@ -37,6 +37,8 @@ pub struct HubConfig {
     pub replay_overlap: Duration,
     /// How often open streams' credentials are re-checked.
     pub token_recheck: Duration,
+    /// How long a stream keeps serving while its credential cannot be re-checked.
+    pub credential_grace: Duration,
     /// This replica's name, in connection records.
     pub replica: String,
 }
@@ -48,8 +50,8 @@ pub(super) struct StreamShared {
     pub projects: Vec<Arc<str>>,
     pub pending: Mutex<Pending>,
     pub wake: tokio::sync::Notify,
-    /// Cancelled when the stream's credential stops working.
-    pub revoked: CancellationToken,
+    /// Ends the stream when its credential stops working or cannot be verified any more.
+    pub revoked: Arc<EndSignal>,
     /// Last position saved, to skip saving an unchanged one.
     pub saved_seq: AtomicI64,
 }
@@ -59,8 +61,8 @@ pub(super) struct StreamShared {
 pub struct CredentialGuard {
     hub: Arc<Hub>,
     id: u64,
-    /// Cancelled when the credential is revoked.
-    pub revoked: CancellationToken,
+    /// Ends when the credential is revoked or cannot be verified any more.
+    pub revoked: Arc<EndSignal>,
 }
 
 impl Drop for CredentialGuard {
@@ -79,7 +81,9 @@ pub struct Hub {
     max_seq: AtomicI64,
     seen: Mutex<Seen>,
     /// Credentials of other long streams (configuration, tunnel), re-checked like the streams'.
-    watched: Mutex<HashMap<u64, (i64, CancellationToken)>>,
+    watched: Mutex<HashMap<u64, (i64, Arc<EndSignal>)>>,
+    /// When each held credential was last known good (authenticated or re-checked).
+    verified_at: Mutex<HashMap<i64, tokio::time::Instant>>,
     pub(super) directory: Arc<dyn AgentDirectory>,
     pub(super) store: Arc<dyn Store>,
     pub(super) engine: Arc<dyn Engine>,
@@ -104,6 +108,7 @@ impl Hub {
             max_seq: AtomicI64::new(0),
             seen: Mutex::default(),
             watched: Mutex::default(),
+            verified_at: Mutex::default(),
             directory,
             store,
             engine,
@@ -195,7 +200,7 @@ impl Hub {
                 projects: interned,
                 pending: Mutex::default(),
                 wake: tokio::sync::Notify::new(),
-                revoked: CancellationToken::new(),
+                revoked: Arc::default(),
                 saved_seq: AtomicI64::new(i64::MIN),
             });
             for path in &shared.projects {
@@ -204,6 +209,7 @@ impl Hub {
             shared
         };
         self.streams.lock().expect("streams lock").insert(shared.id, shared.clone());
+        self.verified(shared.agent.credential);
         let mut agents = self.agents.lock().expect("agents lock");
         *agents.entry(agent_id).or_default() += 1;
         self.metrics.connected_agents.set(agents.len() as i64);
@@ -365,39 +371,67 @@ impl Hub {
         added
     }
 
+    /// A credential was just authenticated.
+    fn verified(&self, credential: i64) {
+        self.verified_at.lock().expect("verified lock").insert(credential, tokio::time::Instant::now());
+    }
+
     async fn recheck_credentials(&self) {
         let streams: Vec<Arc<StreamShared>> = self.streams.lock().expect("streams lock").values().cloned().collect();
-        let watched: Vec<(i64, CancellationToken)> =
+        let watched: Vec<(i64, Arc<EndSignal>)> =
             self.watched.lock().expect("watched lock").values().cloned().collect();
-        let mut credentials: Vec<i64> =
-            streams.iter().map(|s| s.agent.credential).chain(watched.iter().map(|(c, _)| *c)).collect();
-        if credentials.is_empty() {
-            return;
-        }
+        let held = streams.iter().map(|s| (s.agent.credential, &s.revoked)).chain(watched.iter().map(|(c, e)| (*c, e)));
+        let held: Vec<(i64, &Arc<EndSignal>)> = held.collect();
+        let mut credentials: Vec<i64> = held.iter().map(|(c, _)| *c).collect();
         credentials.sort_unstable();
         credentials.dedup();
-        let valid: std::collections::HashSet<i64> = match self.directory.still_valid(&credentials).await {
-            Ok(v) => v.into_iter().collect(),
+        let answer = match self.directory.recheck(&credentials).await {
+            Ok(answer) => answer,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot re-check agent tokens; keeping streams open");
-                return;
+                tracing::warn!(error = %e, "cannot re-check agent tokens; streams keep serving within the credential grace");
+                Rechecked { valid: Vec::new(), unverified: credentials.clone() }
             }
         };
-        for s in streams.iter().filter(|s| !valid.contains(&s.agent.credential)) {
-            if !s.revoked.is_cancelled() {
-                tracing::info!(agent = s.agent.id, "agent token revoked; closing its stream");
-                s.revoked.cancel();
+        let valid: std::collections::HashSet<i64> = answer.valid.into_iter().collect();
+        let unverified: std::collections::HashSet<i64> = answer.unverified.into_iter().collect();
+        let now = tokio::time::Instant::now();
+        let expired: std::collections::HashSet<i64> = {
+            let mut verified_at = self.verified_at.lock().expect("verified lock");
+            // Forget credentials nobody holds (one that was just authenticated is recent).
+            let grace = self.config.credential_grace;
+            verified_at.retain(|c, at| credentials.binary_search(c).is_ok() || now.duration_since(*at) < grace);
+            for c in &valid {
+                verified_at.insert(*c, now);
             }
-        }
-        for (_, token) in watched.iter().filter(|(c, _)| !valid.contains(c)) {
-            token.cancel();
+            unverified
+                .iter()
+                .filter(|c| verified_at.get(c).is_none_or(|at| now.duration_since(*at) > self.config.credential_grace))
+                .copied()
+                .collect()
+        };
+        for (credential, end) in held {
+            if end.is_ended() {
+                continue;
+            }
+            if expired.contains(&credential) {
+                tracing::warn!(
+                    credential,
+                    grace = ?self.config.credential_grace,
+                    "agent token could not be re-checked within the credential grace; ending its stream (UNAVAILABLE)"
+                );
+                end.end(StreamEnd::Unverified);
+            } else if !valid.contains(&credential) && !unverified.contains(&credential) {
+                tracing::info!(credential, "agent token revoked; closing its stream");
+                end.end(StreamEnd::Revoked);
+            }
         }
     }
 
     /// Watches `credential` until the guard is dropped.
     pub fn watch_credential(self: &Arc<Self>, credential: i64) -> CredentialGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let revoked = CancellationToken::new();
+        let revoked = Arc::<EndSignal>::default();
+        self.verified(credential);
         self.watched.lock().expect("watched lock").insert(id, (credential, revoked.clone()));
         CredentialGuard { hub: self.clone(), id, revoked }
     }

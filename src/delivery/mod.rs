@@ -12,4 +12,4 @@ mod pending;
 mod stream;
 
 pub use hub::{CredentialGuard, Hub, HubConfig};
-pub use stream::{ReconcileStream, StreamEnd};
+pub use stream::{EndSignal, ReconcileStream, StreamEnd};

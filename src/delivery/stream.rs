@@ -13,10 +13,39 @@ use crate::store::now_ms;
 const ACCESS_RETRY: Duration = Duration::from_secs(1);
 
 /// Why a stream ends with an error (a clean end is `None`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamEnd {
     /// The agent's credential stopped working while the stream was open.
     Revoked,
+    /// The credential could not be re-checked for longer than the credential grace: the agent
+    /// reconnects and is judged on fresh facts.
+    Unverified,
+}
+
+/// Ends a stream from outside (the credential re-check), saying why; the first reason wins.
+#[derive(Debug, Default)]
+pub struct EndSignal {
+    token: CancellationToken,
+    reason: std::sync::OnceLock<StreamEnd>,
+}
+
+impl EndSignal {
+    /// Ends the stream for `why`, unless it was ended already.
+    pub fn end(&self, why: StreamEnd) {
+        let _ = self.reason.set(why);
+        self.token.cancel();
+    }
+
+    /// Whether it was ended.
+    pub fn is_ended(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Completes when the stream is ended, with the reason.
+    pub async fn ended(&self) -> StreamEnd {
+        self.token.cancelled().await;
+        self.reason.get().copied().unwrap_or(StreamEnd::Revoked)
+    }
 }
 
 /// An open stream's delivery side. Dropping it unregisters the stream and saves its position.
@@ -44,9 +73,9 @@ impl ReconcileStream {
             return None;
         }
         loop {
-            if self.shared.revoked.is_cancelled() {
+            if self.shared.revoked.is_ended() {
                 self.done = true;
-                return Some(Err(StreamEnd::Revoked));
+                return Some(Err(self.shared.revoked.ended().await));
             }
             let popped = self.shared.pending.lock().expect("pending lock").pop();
             if let Some((path, entry)) = popped {
@@ -66,7 +95,7 @@ impl ReconcileStream {
                         self.shared.pending.lock().expect("pending lock").put_back(path, entry);
                         tokio::select! {
                             _ = self.closing.cancelled() => { self.done = true; return None; }
-                            _ = self.shared.revoked.cancelled() => continue,
+                            _ = self.shared.revoked.ended() => continue,
                             _ = tokio::time::sleep(ACCESS_RETRY) => continue,
                         }
                     }
@@ -74,7 +103,7 @@ impl ReconcileStream {
             }
             tokio::select! {
                 biased;
-                _ = self.shared.revoked.cancelled() => continue,
+                _ = self.shared.revoked.ended() => continue,
                 _ = self.closing.cancelled() => {
                     self.done = true;
                     return None;

@@ -22,7 +22,7 @@ use super::client::{GitLabClient, GitLabError};
 use crate::config::Secret;
 use crate::domain::{AgentId, AgentToken};
 use crate::engine::Engine;
-use crate::identity::{AgentDirectory, AgentIdentity, IdentityError};
+use crate::identity::{AgentDirectory, AgentIdentity, IdentityError, Rechecked};
 
 /// How long a refusal is remembered, as upstream.
 const REFUSAL_TTL: Duration = Duration::from_secs(60);
@@ -149,7 +149,7 @@ impl AgentDirectory for GitLabDirectory {
         self.ask(token.expose(), &key, credential).await
     }
 
-    async fn still_valid(&self, credentials: &[i64]) -> Result<Vec<i64>, IdentityError> {
+    async fn recheck(&self, credentials: &[i64]) -> Result<Rechecked, IdentityError> {
         let held: std::collections::HashSet<i64> = credentials.iter().copied().collect();
         // Forget tokens no stream holds any more.
         self.known.lock().expect("known lock").retain(|c, k| held.contains(c) || k.checked.elapsed() < self.ttl);
@@ -161,14 +161,17 @@ impl AgentDirectory for GitLabDirectory {
                 .collect()
         };
         let mut revoked = Vec::new();
+        let mut unverified = Vec::new();
         for (credential, token) in due {
             let Some(presented) = AgentToken::from_presented(token.expose()) else { continue };
             let (key, _) = token_key(&presented);
             match self.ask(token.expose(), &key, credential).await {
                 Ok(_) => {}
                 Err(IdentityError::Unavailable(e)) => {
-                    // GitLab cannot say: keep the stream; the next re-check asks again.
+                    // GitLab cannot say: the stream stays within the credential grace; the next
+                    // re-check asks again.
                     tracing::warn!(error = %e, "cannot refresh an agent token with GitLab");
+                    unverified.push(credential);
                 }
                 Err(_) => {
                     self.known.lock().expect("known lock").remove(&credential);
@@ -177,7 +180,12 @@ impl AgentDirectory for GitLabDirectory {
             }
         }
         let known = self.known.lock().expect("known lock");
-        Ok(credentials.iter().copied().filter(|c| known.contains_key(c) && !revoked.contains(c)).collect())
+        let valid = credentials
+            .iter()
+            .copied()
+            .filter(|c| known.contains_key(c) && !revoked.contains(c) && !unverified.contains(c))
+            .collect();
+        Ok(Rechecked { valid, unverified })
     }
 
     fn could_notify(&self, _: &AgentIdentity, _: &str, _: bool) -> bool {

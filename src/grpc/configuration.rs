@@ -142,8 +142,8 @@ async fn serve(
             tokio::select! {
                 changed = subscription.changes.changed() => break changed.is_ok(),
                 _ = closing.cancelled() => break false,
-                _ = credential.revoked.cancelled() => {
-                    let _ = tx.send(Err(Status::unauthenticated("agent token revoked"))).await;
+                end = credential.revoked.ended() => {
+                    let _ = tx.send(Err(super::stream_end_status(end))).await;
                     break false;
                 }
                 _ = tx.closed() => break false,

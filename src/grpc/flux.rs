@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::OpenGauge;
 use crate::app::App;
-use crate::delivery::{ReconcileStream, StreamEnd};
+use crate::delivery::ReconcileStream;
 use crate::proto::flux::rpc::git_lab_flux_server::GitLabFlux;
 use crate::proto::flux::rpc::{Project, ReconcileProjectsRequest, ReconcileProjectsResponse};
 
@@ -77,9 +77,9 @@ async fn next_response(
             let response = ReconcileProjectsResponse { project: Some(Project { id: path.to_string() }) };
             Some((Ok(response), (stream, gauge)))
         }
-        Some(Err(StreamEnd::Revoked)) => {
-            tracing::info!(agent = stream.agent().id, "ReconcileProjects stream closed: token revoked");
-            Some((Err(Status::unauthenticated("agent token revoked")), (stream, gauge)))
+        Some(Err(end)) => {
+            tracing::info!(agent = stream.agent().id, reason = ?end, "ReconcileProjects stream closed");
+            Some((Err(super::stream_end_status(end)), (stream, gauge)))
         }
         None => {
             tracing::debug!(agent = stream.agent().id, "ReconcileProjects stream ended");

@@ -169,3 +169,13 @@ mod tests {
         }
     }
 }
+
+/// The status a long stream ends with when delivery ends it.
+pub(crate) fn stream_end_status(end: crate::delivery::StreamEnd) -> Status {
+    match end {
+        crate::delivery::StreamEnd::Revoked => Status::unauthenticated("agent token revoked"),
+        crate::delivery::StreamEnd::Unverified => {
+            Status::unavailable("agent token could not be re-checked for too long; reconnect")
+        }
+    }
+}

@@ -58,7 +58,7 @@ impl ReverseTunnel for TunnelService {
             loop {
                 tokio::select! {
                     _ = closing.cancelled() => return None,
-                    _ = credential.revoked.cancelled() => return Some(Err(Status::unauthenticated("agent token revoked"))),
+                    end = credential.revoked.ended() => return Some(Err(super::stream_end_status(end))),
                     message = inbound.message() => match message {
                         Ok(Some(_)) => continue,
                         Ok(None) | Err(_) => return None,

@@ -32,39 +32,41 @@ async fn healthz() -> &'static str {
 }
 
 /// 200 when the database answers, the listeners accept and shutdown has not begun; otherwise
-/// 503 naming each failing part.
+/// 503 naming each failing part. Callers are unauthenticated, so they learn which part fails,
+/// never why: the reason goes to the log.
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let mut checks = serde_json::Map::new();
     let mut ready = true;
+    let mut check = |name: &'static str, failure: Option<String>| {
+        if let Some(reason) = &failure {
+            tracing::warn!(check = name, %reason, "not ready");
+        }
+        ready &= failure.is_none();
+        checks.insert(name.into(), if failure.is_some() { "failing" } else { "ok" }.into());
+    };
     let database = match tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await {
-        Ok(Ok(())) => "ok".to_owned(),
-        Ok(Err(e)) => format!("failing: {e}"),
-        Err(_) => "failing: no answer within 2s".to_owned(),
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("no answer within 2s".to_owned()),
     };
-    ready &= database == "ok";
-    checks.insert("database".into(), database.into());
+    check("database", database);
     let listeners = if app.readiness.shutting_down() {
-        "failing: shutting down"
+        Some("shutting down".to_owned())
     } else if app.readiness.listeners_up() {
-        "ok"
+        None
     } else {
-        "failing: not accepting yet"
+        Some("not accepting yet".to_owned())
     };
-    ready &= listeners == "ok";
-    checks.insert("listeners".into(), listeners.into());
+    check("listeners", listeners);
     if app.engine.name() == "redis" {
         let redis = match tokio::time::timeout(Duration::from_secs(3), app.engine.ping()).await {
-            Ok(Ok(())) => "ok".to_owned(),
-            Ok(Err(e)) => format!("failing: {e}"),
-            Err(_) => "failing: no answer within 3s".to_owned(),
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("no answer within 3s".to_owned()),
         };
-        ready &= redis == "ok";
-        checks.insert("redis".into(), redis.into());
+        check("redis", redis);
     }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    if !ready {
-        tracing::debug!(?checks, "not ready");
-    }
     (status, Json(json!({ "status": if ready { "ready" } else { "not ready" }, "checks": checks }))).into_response()
 }
 
@@ -73,8 +75,8 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-/// `GET /agents`: open agent streams on every replica. Guarded by the webhook secret as a
-/// bearer token, since it names agents.
+/// `GET /agents`: open agent streams on every replica. Guarded by the admin secret as a bearer
+/// token, since it names agents (the webhook secrets open no operator endpoint).
 async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> Response {
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -82,9 +84,9 @@ async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> 
         .and_then(crate::secrets::bearer_credential)
         .map(str::as_bytes)
         .unwrap_or_default();
-    if !app.secrets.webhook_token_matches(presented) {
+    if !app.secrets.admin_matches(presented) {
         app.metrics.auth_failure("admin");
-        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "Authorization: Bearer <webhook secret> required"})))
+        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "Authorization: Bearer <admin secret> required"})))
             .into_response();
     }
     let listed = async {

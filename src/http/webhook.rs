@@ -10,8 +10,10 @@ use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 
 use crate::app::App;
+use crate::domain::PushEvent;
 use crate::intake::IntakeError;
 use crate::intake::webhook::{self, Hook};
+use crate::secrets::HookScope;
 use crate::store::{PushSource, RecordOutcome};
 
 /// Handles one webhook delivery; every outcome is counted under `kas_webhooks_total{result}`.
@@ -20,12 +22,12 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
     let headers = &parts.headers;
     // The token is checked before a byte of the body is read.
     let token = headers.get("x-gitlab-token").map(|v| v.as_bytes()).unwrap_or_default();
-    if !app.secrets.webhook_token_matches(token) {
+    let Some(scope) = app.secrets.webhook_scope(token) else {
         app.metrics.webhook("unauthorized");
         app.metrics.auth_failure("webhook");
         tracing::warn!(present = !token.is_empty(), "webhook with a missing or wrong X-Gitlab-Token");
         return reply(StatusCode::UNAUTHORIZED, json!({"error": "missing or invalid X-Gitlab-Token"}));
-    }
+    };
     let limit = app.config.webhook_body_limit;
     let too_large =
         || reply(StatusCode::PAYLOAD_TOO_LARGE, json!({"error": format!("body larger than {limit} bytes")}));
@@ -59,6 +61,9 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
             return reply(StatusCode::BAD_REQUEST, json!({"error": e.to_string()}));
         }
     };
+    if let Err(refusal) = within_scope(&app, scope, &push).await {
+        return refusal;
+    }
     let project = push.project_path.clone();
     match app.intake.record(push, idempotency_key(headers), PushSource::Webhook).await {
         Ok(RecordOutcome::Recorded(notice)) => {
@@ -78,6 +83,33 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
         Err(e) => {
             app.metrics.webhook("unavailable");
             reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": format!("cannot record the push now: {e}")}))
+        }
+    }
+}
+
+/// A namespace-scoped secret speaks only for projects under its namespace: by the payload's
+/// path, and, for a project id the registry knows, by the path it has there (so a forged id
+/// cannot rewrite another namespace's project).
+async fn within_scope(app: &App, scope: &HookScope, push: &PushEvent) -> Result<(), Response> {
+    let HookScope::Namespace(ns) = scope else { return Ok(()) };
+    let forbidden = |path: &str| {
+        app.metrics.webhook("forbidden");
+        app.metrics.auth_failure("webhook");
+        tracing::warn!(namespace = %ns, project = %path, "webhook secret used outside its namespace");
+        Err(reply(
+            StatusCode::FORBIDDEN,
+            json!({"error": format!("this webhook secret may only submit pushes for projects under {ns}")}),
+        ))
+    };
+    if !scope.allows(push.project_path.as_str()) {
+        return forbidden(push.project_path.as_str());
+    }
+    match app.store.project_by_id(push.project_id).await {
+        Ok(Some(known)) if !scope.allows(known.path.as_str()) => forbidden(known.path.as_str()),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            app.metrics.webhook("unavailable");
+            Err(reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": format!("cannot check the project now: {e}")})))
         }
     }
 }

@@ -27,6 +27,15 @@ pub struct AgentIdentity {
     pub credential: i64,
 }
 
+/// The answer of a credential re-check.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rechecked {
+    /// Still work, as of now.
+    pub valid: Vec<i64>,
+    /// Could not be checked now (the source of truth did not answer); neither valid nor revoked.
+    pub unverified: Vec<i64>,
+}
+
 /// What the directory could not do. Mapped to gRPC codes in `grpc/`.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -50,8 +59,9 @@ pub trait AgentDirectory: Send + Sync + 'static {
     /// Resolves a presented token.
     async fn authenticate(&self, token: &AgentToken) -> Result<AgentIdentity, IdentityError>;
 
-    /// Of these credentials (held by open streams), the ones that still work.
-    async fn still_valid(&self, credentials: &[i64]) -> Result<Vec<i64>, IdentityError>;
+    /// Re-checks these credentials (held by open streams): the ones that still work, and the
+    /// ones the source of truth could not answer for now. Any other one was revoked.
+    async fn recheck(&self, credentials: &[i64]) -> Result<Rechecked, IdentityError>;
 
     /// Cheap, synchronous first cut used when fanning an event out: false only when the agent
     /// certainly may not hear about `project`.

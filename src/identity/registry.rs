@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{AgentDirectory, AgentIdentity, IdentityError};
+use super::{AgentDirectory, AgentIdentity, IdentityError, Rechecked};
 use crate::domain::{AgentToken, access};
 use crate::store::{Store, now_ms};
 
@@ -40,8 +40,10 @@ impl AgentDirectory for RegistryDirectory {
         })
     }
 
-    async fn still_valid(&self, credentials: &[i64]) -> Result<Vec<i64>, IdentityError> {
-        self.store.active_tokens(credentials).await.map_err(|e| IdentityError::Unavailable(e.to_string()))
+    async fn recheck(&self, credentials: &[i64]) -> Result<Rechecked, IdentityError> {
+        let valid =
+            self.store.active_tokens(credentials).await.map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+        Ok(Rechecked { valid, unverified: Vec::new() })
     }
 
     fn could_notify(&self, agent: &AgentIdentity, project: &str, world_readable: bool) -> bool {

@@ -231,6 +231,8 @@ pub trait Store: Send + Sync + 'static {
     /// The registry entry for a path (the newest, should two ids claim it).
     async fn project_by_path(&self, path: &ProjectPath) -> Result<Option<ProjectInfo>, StoreError>;
 
+    /// The registry entry of GitLab project `id`.
+    async fn project_by_id(&self, id: i64) -> Result<Option<ProjectInfo>, StoreError>;
     /// Records a batch of pushes in one transaction, refreshing each project's registry entry
     /// from the push; returns one outcome per input, in order.
     async fn record_pushes(&self, batch: &[NewPush]) -> Result<Vec<RecordOutcome>, StoreError>;

@@ -336,6 +336,15 @@ macro_rules! impl_store {
                 row.map(|(a, b, c, d)| project_from_parts(a, b, c, d)).transpose()
             }
 
+            async fn project_by_id(&self, id: i64) -> Result<Option<ProjectInfo>, StoreError> {
+                let row: Option<(i64, String, Option<String>, String)> =
+                    sqlx::query_as("SELECT id, full_path, visibility, repository_access FROM projects WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                row.map(|(a, b, c, d)| project_from_parts(a, b, c, d)).transpose()
+            }
+
             async fn record_pushes(&self, batch: &[NewPush]) -> Result<Vec<RecordOutcome>, StoreError> {
                 if batch.is_empty() {
                     return Ok(Vec::new());

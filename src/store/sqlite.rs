@@ -28,11 +28,16 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let parent = options.get_filename().parent().map(Path::to_owned);
-        for dir in [Some(data_dir.to_owned()), parent].into_iter().flatten() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(&dir).map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
-            }
+        let io = |e| StoreError::Unavailable(sqlx::Error::Io(e));
+        let file = options.get_filename().to_owned();
+        for dir in [Some(data_dir), file.parent()].into_iter().flatten() {
+            crate::files::create_private_dir_all(dir).map_err(io)?;
+        }
+        // Created private before SQLite sees it: SQLite gives its WAL and shared-memory files
+        // the database file's mode, so all three stay 0600.
+        let in_memory = file.as_os_str().is_empty() || file.as_os_str() == ":memory:";
+        if !in_memory && !file.exists() {
+            crate::files::create_private_file(&file).map_err(io)?;
         }
         let pool = SqlitePoolOptions::new()
             .max_connections(8)

@@ -249,8 +249,8 @@ async fn registration_is_visible_across_replicas() {
     assert!(pods.iter().any(|p| p.agent_meta.as_ref().unwrap().pod_name == "agentk-stream"));
     // `kas agents` shows version and pod.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
-        .args(["agents", "--addr", &format!("http://{}", b.http), "--secret-file"])
-        .arg(db.data_dir().join("webhook-secret"))
+        .args(["agents", "--addr", &format!("http://{}", b.http), "--data-dir"])
+        .arg(db.data_dir())
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);

@@ -226,10 +226,10 @@ crate::both_backends!(overlapping_batches, concurrent_overlapping_pushes);
 async fn rotated_secrets_are_both_accepted() {
     let db = TestDb::sqlite();
     let file = db.data_dir().join("secrets");
-    std::fs::write(&file, "old-secret\nnew-secret\n").unwrap();
+    std::fs::write(&file, "old-secret-0123456789\nnew-secret-0123456789\n").unwrap();
     let path = file.display().to_string();
     let app = TestApp::spawn(&db, |s| s.webhook_secret_file = Some(path)).await;
-    for secret in ["old-secret", "new-secret"] {
+    for secret in ["old-secret-0123456789", "new-secret-0123456789"] {
         let r = app
             .client
             .post(app.url("/webhooks/gitlab"))

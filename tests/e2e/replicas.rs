@@ -57,7 +57,7 @@ async fn three_replicas_act_as_one() {
     // The connection state lists every agent, each on its replica, from any replica.
     let listed = eventually(SOON, || async {
         let body: serde_json::Value =
-            b.client.get(b.url("/agents")).bearer_auth(&b.webhook_secret).send().await.unwrap().json().await.unwrap();
+            b.client.get(b.url("/agents")).bearer_auth(&b.admin_secret).send().await.unwrap().json().await.unwrap();
         body["connections"].as_array().map(|c| c.len()) == Some(3)
     })
     .await;
@@ -65,8 +65,8 @@ async fn three_replicas_act_as_one() {
     let unauthorized = b.client.get(b.url("/agents")).send().await.unwrap();
     assert_eq!(unauthorized.status(), 401);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
-        .args(["agents", "--addr", &format!("http://{}", c.http), "--secret-file"])
-        .arg(db.data_dir().join("webhook-secret"))
+        .args(["agents", "--addr", &format!("http://{}", c.http), "--data-dir"])
+        .arg(db.data_dir())
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
@@ -161,7 +161,7 @@ async fn dead_replica_agents_reconnect_elsewhere_and_replay() {
         let body: serde_json::Value = survivor
             .client
             .get(survivor.url("/agents"))
-            .bearer_auth(&survivor.webhook_secret)
+            .bearer_auth(&survivor.admin_secret)
             .send()
             .await
             .unwrap()
@@ -207,7 +207,7 @@ async fn fan_out_through_a_redis_cluster() {
     assert_eq!(drain(&mut bs, QUIET).await, ["g/pub"]);
     let listed = eventually(SOON, || async {
         let body: serde_json::Value =
-            a.client.get(a.url("/agents")).bearer_auth(&a.webhook_secret).send().await.unwrap().json().await.unwrap();
+            a.client.get(a.url("/agents")).bearer_auth(&a.admin_secret).send().await.unwrap().json().await.unwrap();
         body["connections"].as_array().map(|c| c.len()) == Some(2)
     })
     .await;

@@ -200,3 +200,135 @@ async fn hostile_redis_cannot_open_or_skip() {
     crate::support::redis::cleanup(&prefix).await;
     db.cleanup().await;
 }
+
+/// Each secret does one job: a namespace-scoped hook secret speaks only for its namespace (by
+/// path, and by the id's registered path), and no webhook secret opens an operator endpoint;
+/// the admin secret opens them and submits nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_do_one_job() {
+    let db = TestDb::sqlite();
+    let file = db.data_dir().join("hooks");
+    std::fs::write(&file, "system-hook-secret-0123456789\nteam-hook-secret-0123456789 team\n").unwrap();
+    let path = file.display().to_string();
+    let app = crate::support::TestApp::spawn(&db, |s| s.webhook_secret_file = Some(path)).await;
+    let hook = |secret: &'static str, id: i64, path: &str, level: i64| {
+        let body = serde_json::json!({"object_kind": "push", "project": {"id": id, "path_with_namespace": path, "visibility_level": level}});
+        app.client
+            .post(app.url("/webhooks/gitlab"))
+            .header("X-Gitlab-Token", secret)
+            .header("X-Gitlab-Event", "Push Hook")
+            .body(body.to_string())
+            .send()
+    };
+    let team = "team-hook-secret-0123456789";
+    // The system hook's secret speaks for anyone: a private project elsewhere.
+    assert_eq!(hook("system-hook-secret-0123456789", 9, "other/secret", 0).await.unwrap().status(), 202);
+    // The team's secret speaks for its namespace, nested groups included...
+    assert_eq!(hook(team, 1, "team/app", 20).await.unwrap().status(), 202);
+    assert_eq!(hook(team, 2, "team/sub/app", 20).await.unwrap().status(), 202);
+    let logged = app.store.recent_pushes(100).await.unwrap().len();
+    // ...and for nothing else: not another namespace, not a look-alike prefix, and not another
+    // namespace's project id under a path of its own.
+    for (id, path) in [(3, "other/app"), (4, "teams/app"), (9, "team/looks-mine")] {
+        let r = hook(team, id, path, 20).await.unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains("under team"), "{body}");
+    }
+    assert_eq!(app.store.recent_pushes(100).await.unwrap().len(), logged, "a refused push was recorded");
+    let other = app.store.project_by_id(9).await.unwrap().unwrap();
+    assert_eq!((other.path.as_str(), other.visibility), ("other/secret", Some(kas::domain::Visibility::Private)));
+    assert!(app.metrics_text().await.contains("kas_webhooks_total{result=\"forbidden\"} 3"));
+
+    // Operator endpoints: the admin secret, and only it.
+    let agents = |secret: String| app.client.get(app.url("/agents")).bearer_auth(secret).send();
+    for hook_secret in ["system-hook-secret-0123456789", team] {
+        assert_eq!(agents(hook_secret.into()).await.unwrap().status(), 401);
+    }
+    assert_eq!(agents(app.admin_secret.clone()).await.unwrap().status(), 200);
+    // The admin secret submits nothing.
+    let r = app
+        .client
+        .post(app.url("/webhooks/gitlab"))
+        .header("X-Gitlab-Token", &app.admin_secret)
+        .header("X-Gitlab-Event", "Push Hook")
+        .body(r#"{"object_kind":"push","project":{"id":5,"path_with_namespace":"x/y","visibility_level":20}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // `kas agents` reads the admin secret from the data directory.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
+        .args(["agents", "--addr", &format!("http://{}", app.http), "--data-dir"])
+        .arg(db.data_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    app.stop().await;
+}
+
+/// What kas writes is private from the start: the data directory 0700, the database and every
+/// generated secret 0600; and /readyz tells strangers which part fails, never why.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDb::sqlite();
+    let data = db.data_dir().join("fresh/data");
+    let dir = data.display().to_string();
+    let url = format!("sqlite://{}/kas.db", data.display());
+    let app = crate::support::TestApp::spawn(&db, |s| {
+        s.data_dir = Some(dir.clone());
+        s.database_url = Some(url.clone());
+    })
+    .await;
+    assert_eq!(app.push(1, "g/a", 0).await.status(), 202);
+    let mode = |p: std::path::PathBuf| std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(data.clone()), 0o700);
+    for f in ["kas.db", "kas.db-wal", "webhook-secret", "admin-secret"] {
+        assert_eq!(mode(data.join(f)), 0o600, "{f}");
+    }
+    app.stop().await;
+}
+
+/// While the directory cannot re-check a stream's credential, the stream keeps delivering
+/// recorded events for the credential grace, then ends with UNAVAILABLE; the agent is judged
+/// on fresh facts when it reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_fails_closed_after_the_grace() {
+    use crate::support::agent::{TestAgent, next_project};
+    let db = TestDb::sqlite();
+    let app = crate::support::TestApp::spawn(&db, |s| {
+        s.token_recheck = Some("100ms".into());
+        s.credential_grace = Some("1500ms".into());
+    })
+    .await;
+    let (_, token) = app.create_agent("own", "g/own").await;
+    let agent = TestAgent::connect(app.agent, &token).await;
+    let mut s = agent.open(&["g/own"]).await.unwrap();
+    // The token table goes away: re-checks fail, recording does not.
+    let pool = sqlx::SqlitePool::connect(&db.url()).await.unwrap();
+    sqlx::query("ALTER TABLE agent_tokens RENAME TO agent_tokens_away").execute(&pool).await.unwrap();
+    assert_eq!(app.push(1, "g/own", 0).await.status(), 202);
+    assert_eq!(next_project(&mut s, SOON).await.as_deref(), Some("g/own"), "delivery goes on within the grace");
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends after the grace");
+    let status = ended.expect_err("ends with an error");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // Reconnecting is judged on fresh facts: refused while the directory cannot answer...
+    let refused = agent.open(&["g/own"]).await.expect_err("cannot authenticate now");
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    // ...and served again once it can.
+    sqlx::query("ALTER TABLE agent_tokens_away RENAME TO agent_tokens").execute(&pool).await.unwrap();
+    assert!(agent.open(&["g/own"]).await.is_ok());
+    pool.close().await;
+    app.stop().await;
+}

@@ -64,6 +64,8 @@ pub struct TestApp {
     pub db: TestDb,
     pub data_dir: PathBuf,
     pub webhook_secret: String,
+    /// The admin secret (`GET /agents`).
+    pub admin_secret: String,
     pub client: reqwest::Client,
     /// `http://<http listener>` or `https://localhost:<port>`.
     pub base: String,
@@ -86,6 +88,7 @@ impl TestApp {
         tweak(&mut settings);
         let settings_tls = settings.tls_cert_file.clone();
         let config = settings.resolve().expect("test settings resolve");
+        let data_dir = config.store.data_dir.clone();
         let listeners = kas::Listeners {
             http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             agent: TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -98,6 +101,7 @@ impl TestApp {
         );
         let (tx, rx) = oneshot::channel::<()>();
         let secret_file = config.webhook_secret_file.clone();
+        let admin_file = config.admin_secret_file.clone().unwrap_or_else(|| data_dir.join("admin-secret"));
         let task = tokio::spawn(kas::serve(config, listeners, async move {
             let _ = rx.await;
         }));
@@ -123,7 +127,13 @@ impl TestApp {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let secret_path = secret_file.unwrap_or_else(|| data_dir.join("webhook-secret"));
-        let webhook_secret = std::fs::read_to_string(&secret_path).unwrap().lines().next().unwrap().trim().to_owned();
+        let first_word = |path: &std::path::Path| {
+            let text = std::fs::read_to_string(path).unwrap();
+            let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap().to_owned();
+            line.split_whitespace().next().unwrap().to_owned()
+        };
+        let webhook_secret = first_word(&secret_path);
+        let admin_secret = first_word(&admin_file);
         let store = db.open_store().await;
         TestApp {
             http,
@@ -133,6 +143,7 @@ impl TestApp {
             db: db.clone(),
             data_dir,
             webhook_secret,
+            admin_secret,
             client,
             base,
             shutdown: Some(tx),
