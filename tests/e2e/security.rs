@@ -332,3 +332,165 @@ async fn revocation_fails_closed_after_the_grace() {
     pool.close().await;
     app.stop().await;
 }
+
+/// A small deterministic generator, so a failing run can be repeated from its printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Projects of the isolation run; each has an owner agent whose configuration project it is.
+const ISOLATION_PROJECTS: i64 = 16;
+/// Waves of the run; every project goes through one open-then-close trial per wave.
+const ISOLATION_WAVES: usize = 13;
+
+/// Randomized isolation through both doors at once, as a busy GitLab sends them: in every trial
+/// a project is opened (webhook "public" racing a GitPushEvent), then closed (webhook "private"
+/// or "internal" racing a GitPushEvent), for all projects concurrently. After each close,
+/// further pushes through GitLab's door (no visibility) must reach the project's own agent and
+/// no stranger. A project that is never public must never reach a stranger at all.
+async fn isolation_run(apps: &[crate::support::TestApp], seed: u64) {
+    use crate::support::agent::{TestAgent, drain};
+    let mut rng = Rng(seed | 1);
+    let first = &apps[0];
+    let pick = |rng: &mut Rng| &apps[rng.below(apps.len() as u64) as usize];
+    let path = |i: i64| format!("team{}/app{i}", i % 3);
+    let every: Vec<String> = (1..=ISOLATION_PROJECTS).map(path).chain(["never/public".to_owned()]).collect();
+    let every: Vec<&str> = every.iter().map(String::as_str).collect();
+    let mut strangers = Vec::new();
+    for n in 0..3 {
+        let (_, token) = first.create_agent(&format!("stranger{n}"), &format!("strangers/config{n}")).await;
+        let agent = TestAgent::connect(pick(&mut rng).agent, &token).await;
+        let stream = agent.open(&every).await.unwrap();
+        strangers.push((agent, stream));
+    }
+    let mut owners = Vec::new();
+    for i in 1..=ISOLATION_PROJECTS {
+        let (_, token) = first.create_agent(&format!("owner{i}"), &path(i)).await;
+        let agent = TestAgent::connect(pick(&mut rng).agent, &token).await;
+        let stream = agent.open(&[path(i).as_str()]).await.unwrap();
+        owners.push((agent, stream));
+    }
+    let mut rails: Vec<_> = Vec::new();
+    for app in apps {
+        rails.push(crate::intake::grpc_client(app).await);
+    }
+    let quiet = Duration::from_millis(300);
+    let mut breaches = Vec::new();
+    let mut trials = 0;
+    for wave in 0..ISOLATION_WAVES {
+        // Open every project, both doors racing; then close every project, both doors racing.
+        for level in [20, if rng.below(2) == 0 { 0 } else { 10 }] {
+            let mut calls = Vec::new();
+            for i in 1..=ISOLATION_PROJECTS {
+                let (hook_app, rails_i) = (pick(&mut rng), rng.below(apps.len() as u64) as usize);
+                let mut client = rails[rails_i].clone();
+                let p = path(i);
+                let webhook_first = rng.below(2) == 0;
+                calls.push(async move {
+                    let hook = async { assert_eq!(hook_app.push(i, &p, level).await.status(), 202) };
+                    let grpc = crate::intake::send_git_push(&mut client, i, &p);
+                    if webhook_first {
+                        tokio::join!(hook, grpc);
+                    } else {
+                        tokio::join!(grpc, hook);
+                    }
+                });
+            }
+            // The never-public project is pushed all along, through both doors.
+            let mut client = rails[0].clone();
+            let never = async move {
+                tokio::join!(
+                    first.push(99, "never/public", 0),
+                    crate::intake::send_git_push(&mut client, 99, "never/public")
+                )
+            };
+            tokio::join!(futures::future::join_all(calls), never);
+            if level == 20 {
+                continue;
+            }
+            trials += ISOLATION_PROJECTS as usize;
+            // What the racing pushes of the opened project queued may still arrive: let it.
+            let heard = futures::future::join_all(strangers.iter_mut().map(|(_, s)| drain(s, quiet))).await;
+            for (n, got) in heard.into_iter().enumerate() {
+                if got.iter().any(|p| p == "never/public") {
+                    breaches.push(format!("wave {wave}: stranger{n} heard never/public"));
+                }
+            }
+            futures::future::join_all(owners.iter_mut().map(|(_, s)| drain(s, Duration::from_millis(50)))).await;
+            // Closed now: GitLab's door (no visibility) reaches the owner and nobody else.
+            for i in 1..=ISOLATION_PROJECTS {
+                let r = rng.below(apps.len() as u64) as usize;
+                crate::intake::send_git_push(&mut rails[r].clone(), i, &path(i)).await;
+            }
+            let heard = futures::future::join_all(strangers.iter_mut().map(|(_, s)| drain(s, quiet))).await;
+            for (n, got) in heard.into_iter().enumerate() {
+                for p in got {
+                    breaches.push(format!("wave {wave}: stranger{n} heard {p} after it was closed"));
+                }
+            }
+            let owned =
+                futures::future::join_all(owners.iter_mut().map(|(_, s)| drain(s, Duration::from_millis(150)))).await;
+            for (i, got) in owned.into_iter().enumerate() {
+                assert!(got.iter().any(|p| *p == path(i as i64 + 1)), "wave {wave}: owner{} missed its push", i + 1);
+            }
+        }
+    }
+    assert!(trials >= 200, "{trials} trials");
+    assert!(breaches.is_empty(), "seed {seed}: {} breaches in {trials} trials: {breaches:#?}", breaches.len());
+}
+
+fn isolation_seed() -> u64 {
+    let seed = std::env::var("KAS_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).unwrap();
+        u64::from_le_bytes(b)
+    });
+    eprintln!("isolation seed {seed} (KAS_TEST_SEED={seed} repeats it)");
+    seed
+}
+
+async fn isolation_single_replica(db: TestDb) {
+    let secret = crate::intake::write_gitlab_secret(&db);
+    let app = crate::support::TestApp::spawn(&db, |s| s.gitlab_secret_file = Some(secret)).await;
+    let apps = [app];
+    isolation_run(&apps, isolation_seed()).await;
+    let [app] = apps;
+    app.stop().await;
+}
+crate::both_backends!(isolation_through_both_doors, isolation_single_replica);
+
+/// The same run across two replicas sharing PostgreSQL and Redis: pushes and agents spread over
+/// both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolation_through_both_doors_across_replicas() {
+    let db = TestDb::postgres().await;
+    let prefix = crate::support::redis::prefix();
+    let secret = crate::intake::write_gitlab_secret(&db);
+    let settings = {
+        let redis = with_redis(crate::support::redis::SHARED.into(), prefix.clone(), None);
+        move |s: &mut kas::config::Settings| {
+            redis(s);
+            s.gitlab_secret_file = Some(secret.clone());
+        }
+    };
+    let a = crate::support::TestApp::spawn(&db, &settings).await;
+    let b = crate::support::TestApp::spawn(&db, &settings).await;
+    let apps = [a, b];
+    isolation_run(&apps, isolation_seed()).await;
+    for app in apps {
+        app.stop().await;
+    }
+    crate::support::redis::cleanup(&prefix).await;
+    db.cleanup().await;
+}
