@@ -169,10 +169,11 @@ impl Hub {
         // Registered first, replayed second: an event recorded in between is queued twice at
         // worst, and the pending set folds the two into one.
         self.replay(&shared).await;
-        // A starting point right away: if this replica dies before the periodic save, the
-        // agent still gets what it misses when it reconnects elsewhere.
+        // A starting point right away, in the database too: if this replica dies (even the only
+        // one, with the in-process engine) before the periodic save, the agent still gets what
+        // it misses when it reconnects, here after a restart or elsewhere.
         let position = self.position_of(&shared);
-        self.save_position(shared.agent.id, position, false).await;
+        self.save_position(shared.agent.id, position, true).await;
         shared.saved_seq.store(position.seq, Ordering::Relaxed);
         ReconcileStream::new(self.clone(), shared, closing)
     }
@@ -276,6 +277,8 @@ impl Hub {
         }
     }
 
+    /// Saves the position of every agent with an open stream that moved since the last save,
+    /// in the engine (for other replicas) and in the database (for a crash of this one).
     async fn save_positions(&self) {
         let streams: Vec<Arc<StreamShared>> = self.streams.lock().expect("streams lock").values().cloned().collect();
         // One position per agent: the least advanced of its streams.
@@ -288,14 +291,28 @@ impl Hub {
             }
             entry.1.push(s);
         }
+        let mut moved = Vec::new();
         for (agent, (position, owners)) in per_agent {
             if owners.iter().all(|s| s.saved_seq.load(Ordering::Relaxed) == position.seq) {
                 continue;
             }
             self.save_position(agent, position, false).await;
-            for s in owners {
-                s.saved_seq.store(position.seq, Ordering::Relaxed);
+            moved.push((agent, position, owners));
+        }
+        if moved.is_empty() {
+            return;
+        }
+        let rows: Vec<(i64, DeliveryPosition)> = moved.iter().map(|(a, p, _)| (*a, *p)).collect();
+        match self.store.save_positions(&rows).await {
+            Ok(()) => {
+                for (_, position, owners) in moved {
+                    for s in owners {
+                        s.saved_seq.store(position.seq, Ordering::Relaxed);
+                    }
+                }
             }
+            // Not marked saved: the next round tries again.
+            Err(e) => tracing::warn!(error = %e, agents = rows.len(), "cannot save delivery positions"),
         }
     }
 

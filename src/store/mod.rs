@@ -273,6 +273,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Saves an agent's delivery position.
     async fn save_position(&self, agent: AgentId, position: DeliveryPosition) -> Result<(), StoreError>;
+    /// Saves several agents' positions, one statement per chunk.
+    async fn save_positions(&self, positions: &[(AgentId, DeliveryPosition)]) -> Result<(), StoreError>;
     /// Loads an agent's delivery position.
     async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, StoreError>;
 }

@@ -612,6 +612,18 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            async fn save_positions(&self, positions: &[(AgentId, DeliveryPosition)]) -> Result<(), StoreError> {
+                for chunk in positions.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new("INSERT INTO agent_positions (agent_id, seq, updated_at) ");
+                    q.push_values(chunk, |mut row, (agent, p)| {
+                        row.push_bind(*agent).push_bind(p.seq).push_bind(p.at);
+                    });
+                    q.push(" ON CONFLICT (agent_id) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at");
+                    q.build().execute(&self.pool).await?;
+                }
+                Ok(())
+            }
+
             async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, StoreError> {
                 let row: Option<(i64, i64)> = sqlx::query_as("SELECT seq, updated_at FROM agent_positions WHERE agent_id = $1")
                     .bind(agent)
