@@ -67,6 +67,8 @@ pub struct Metrics {
     pub auth_failures: Family<NameLabel, Counter>,
     /// Engine (Redis) connection failures.
     pub engine_errors: Counter,
+    /// Access checks that could not be answered (retried with backoff per project).
+    pub access_check_failures: Counter,
     /// Announced sequence numbers the event log does not hold (forged or pruned).
     pub events_unknown_announced: Counter,
     /// Values in Redis that kas did not sign (positions, refusals): someone else wrote them.
@@ -105,6 +107,7 @@ impl Metrics {
             auth_failures: Family::default(),
             engine_errors: Counter::default(),
             events_unknown_announced: Counter::default(),
+            access_check_failures: Counter::default(),
             engine_forgeries: Counter::default(),
             gitlab_calls: Family::default(),
             registry: Registry::default(),
@@ -150,6 +153,11 @@ impl Metrics {
         registry.register("connected_agents", "Agents with an open stream on this replica", m.connected_agents.clone());
         registry.register("auth_failures", "Rejected credentials by listener", m.auth_failures.clone());
         registry.register("engine_errors", "Engine (Redis) operation failures", m.engine_errors.clone());
+        registry.register(
+            "access_check_failures",
+            "Access checks the directory could not answer, retried later per project",
+            m.access_check_failures.clone(),
+        );
         registry.register(
             "events_unknown_announced",
             "Sequence numbers announced on the events channel that the event log does not hold",

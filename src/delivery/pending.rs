@@ -1,8 +1,11 @@
 //! A stream's pending work: an ordered set of project paths, each with what the events that
-//! put it there said.
+//! put it there said, and the paths whose send must wait (an access check that failed is
+//! retried later, without holding back the other paths).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+
+use tokio::time::Instant;
 
 /// What is known about a pending path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,11 +25,25 @@ pub struct Entry {
 pub struct Pending {
     order: VecDeque<Arc<str>>,
     entries: HashMap<Arc<str>, Entry>,
+    /// Paths whose send failed, each out of `order` until its retry is due.
+    deferred: HashMap<Arc<str>, (Entry, Instant)>,
+    /// Consecutive failed sends per path, for the backoff; cleared by a success.
+    failures: HashMap<Arc<str>, u32>,
 }
 
 impl Pending {
     /// Adds an event for `path`; returns false when it was coalesced into a waiting entry.
     pub fn add(&mut self, path: &Arc<str>, seq: i64, world_readable: bool, received_at: i64) -> bool {
+        if let Some((e, _)) = self.deferred.get_mut(path) {
+            // Waits with the deferred entry: it is sent when that one's retry is due.
+            e.first_seq = e.first_seq.min(seq);
+            if seq >= e.last_seq {
+                e.last_seq = seq;
+                e.world_readable = world_readable;
+            }
+            e.received_at = e.received_at.min(received_at);
+            return false;
+        }
         match self.entries.get_mut(path) {
             Some(e) => {
                 e.first_seq = e.first_seq.min(seq);
@@ -52,30 +69,61 @@ impl Pending {
         Some((path, entry))
     }
 
-    /// Puts a taken entry back at the front (its send must be retried), merging with anything
-    /// that arrived for the path meanwhile.
-    pub fn put_back(&mut self, path: Arc<str>, entry: Entry) {
-        match self.entries.get_mut(&path) {
-            Some(e) => {
-                e.first_seq = e.first_seq.min(entry.first_seq);
-                e.received_at = e.received_at.min(entry.received_at);
+    /// Sets a taken entry aside until `due` (its send failed), merging with anything that
+    /// arrived for the path meanwhile; returns how many sends of the path failed in a row.
+    pub fn defer(&mut self, path: Arc<str>, mut entry: Entry, due: Instant) -> u32 {
+        if let Some(waiting) = self.entries.remove(&path) {
+            self.order.retain(|p| *p != path);
+            entry.first_seq = entry.first_seq.min(waiting.first_seq);
+            if waiting.last_seq >= entry.last_seq {
+                entry.last_seq = waiting.last_seq;
+                entry.world_readable = waiting.world_readable;
             }
-            None => {
-                self.order.push_front(path.clone());
-                self.entries.insert(path, entry);
-            }
+            entry.received_at = entry.received_at.min(waiting.received_at);
+        }
+        self.deferred.insert(path.clone(), (entry, due));
+        let failures = self.failures.entry(path).or_default();
+        *failures += 1;
+        *failures
+    }
+
+    /// How many sends of `path` failed in a row.
+    pub fn failures(&self, path: &str) -> u32 {
+        self.failures.get(path).copied().unwrap_or(0)
+    }
+
+    /// Forgets the failures of `path` after a successful decision.
+    pub fn settled(&mut self, path: &str) {
+        if !self.failures.is_empty() {
+            self.failures.remove(path);
         }
     }
 
-    /// Lowest sequence number still waiting.
-    pub fn min_seq(&self) -> Option<i64> {
-        self.entries.values().map(|e| e.first_seq).min()
+    /// Moves deferred paths whose retry is due at `now` to the back of the queue; returns when
+    /// the next one will be due.
+    pub fn release_due(&mut self, now: Instant) -> Option<Instant> {
+        if self.deferred.is_empty() {
+            return None;
+        }
+        let due: Vec<Arc<str>> =
+            self.deferred.iter().filter(|(_, (_, at))| *at <= now).map(|(p, _)| p.clone()).collect();
+        for path in due {
+            let (entry, _) = self.deferred.remove(&path).expect("listed above");
+            self.order.push_back(path.clone());
+            self.entries.insert(path, entry);
+        }
+        self.deferred.values().map(|(_, at)| *at).min()
     }
 
-    /// Number of waiting paths.
+    /// Lowest sequence number still waiting, deferred paths included.
+    pub fn min_seq(&self) -> Option<i64> {
+        self.entries.values().chain(self.deferred.values().map(|(e, _)| e)).map(|e| e.first_seq).min()
+    }
+
+    /// Number of waiting paths, deferred ones included.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.order.len() + self.deferred.len()
     }
 }
 
@@ -100,7 +148,7 @@ mod tests {
     }
 
     #[test]
-    fn first_in_first_out_and_put_back_goes_first() {
+    fn first_in_first_out() {
         let mut p = Pending::default();
         let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
         p.add(&a, 1, true, 0);
@@ -108,14 +156,38 @@ mod tests {
         p.add(&c, 3, true, 0);
         p.add(&a, 4, true, 0);
         assert_eq!(p.min_seq(), Some(1));
-        let (first, entry) = p.pop().unwrap();
+        let (first, _) = p.pop().unwrap();
         assert_eq!(&*first, "a");
         assert_eq!(p.min_seq(), Some(2));
         p.add(&a, 5, false, 0);
-        p.put_back(first, entry);
-        assert_eq!(p.len(), 3);
-        assert_eq!(p.min_seq(), Some(1));
         let order: Vec<String> = std::iter::from_fn(|| p.pop().map(|(x, _)| x.to_string())).collect();
-        assert_eq!(order, ["b", "c", "a"], "a re-added meanwhile keeps its place at the back");
+        assert_eq!(order, ["b", "c", "a"], "a re-added after its send goes to the back");
+    }
+
+    #[test]
+    fn a_deferred_path_waits_without_holding_back_others_and_keeps_the_position() {
+        let mut p = Pending::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let now = Instant::now();
+        p.add(&a, 1, true, 0);
+        let (path, entry) = p.pop().unwrap();
+        assert_eq!(p.defer(path, entry, now + std::time::Duration::from_secs(1)), 1);
+        // More pushes to the deferred path coalesce into it; others go ahead.
+        assert!(!p.add(&a, 3, false, 0));
+        p.add(&b, 2, true, 0);
+        assert_eq!(p.min_seq(), Some(1), "the deferred entry holds the position back");
+        assert_eq!(p.release_due(now), Some(now + std::time::Duration::from_secs(1)));
+        assert_eq!(&*p.pop().unwrap().0, "b");
+        assert!(p.pop().is_none());
+        assert_eq!(p.release_due(now + std::time::Duration::from_secs(1)), None);
+        let (path, entry) = p.pop().unwrap();
+        assert_eq!((&*path, entry.first_seq, entry.last_seq, entry.world_readable), ("a", 1, 3, false));
+        assert_eq!(p.failures("a"), 1);
+        assert_eq!(p.defer(path, entry, now), 2, "failures in a row are counted");
+        p.release_due(now);
+        let (path, _) = p.pop().unwrap();
+        p.settled(&path);
+        assert_eq!(p.failures("a"), 0);
+        assert_eq!(p.min_seq(), None);
     }
 }

@@ -9,8 +9,11 @@ use tokio_util::sync::CancellationToken;
 use super::hub::{Hub, StreamShared};
 use crate::store::now_ms;
 
-/// How long to wait before asking the directory again after it could not answer.
+/// First wait before asking the directory again about a project it could not answer for; it
+/// doubles with every failure in a row, up to `ACCESS_RETRY_MAX`.
 const ACCESS_RETRY: Duration = Duration::from_secs(1);
+/// Longest wait between access checks of one project.
+const ACCESS_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Why a stream ends with an error (a clean end is `None`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,30 +80,46 @@ impl ReconcileStream {
                 self.done = true;
                 return Some(Err(self.shared.revoked.ended().await));
             }
-            let popped = self.shared.pending.lock().expect("pending lock").pop();
+            let (popped, next_retry) = {
+                let mut pending = self.shared.pending.lock().expect("pending lock");
+                let next_retry = pending.release_due(tokio::time::Instant::now());
+                (pending.pop(), next_retry)
+            };
             if let Some((path, entry)) = popped {
                 // The access rule, applied before every send.
                 match self.hub.directory.may_notify(&self.shared.agent, &path, entry.world_readable).await {
-                    Ok(true) => {
+                    Ok(allowed) => {
+                        self.shared.pending.lock().expect("pending lock").settled(&path);
+                        if !allowed {
+                            continue;
+                        }
                         let metrics = &self.hub.metrics;
                         metrics.notifications_sent.inc();
                         let waited_ms = (now_ms() - entry.received_at).max(0);
                         metrics.intake_to_send_seconds.observe(waited_ms as f64 / 1000.0);
                         return Some(Ok(path));
                     }
-                    Ok(false) => continue,
                     Err(e) => {
-                        // Fail closed, and retry rather than drop.
-                        tracing::warn!(error = %e, agent = self.shared.agent.id, project = %path, "cannot check access; will retry");
-                        self.shared.pending.lock().expect("pending lock").put_back(path, entry);
-                        tokio::select! {
-                            _ = self.closing.cancelled() => { self.done = true; return None; }
-                            _ = self.shared.revoked.ended() => continue,
-                            _ = tokio::time::sleep(ACCESS_RETRY) => continue,
-                        }
+                        // Fail closed, and retry this project later rather than drop it; the
+                        // others go on meanwhile, and the deferred entry holds the delivery
+                        // position back so nothing is skipped.
+                        let mut pending = self.shared.pending.lock().expect("pending lock");
+                        let failures = pending.failures(&path);
+                        let wait = ACCESS_RETRY.saturating_mul(1 << failures.min(6)).min(ACCESS_RETRY_MAX);
+                        pending.defer(path.clone(), entry, tokio::time::Instant::now() + wait);
+                        drop(pending);
+                        self.hub.metrics.access_check_failures.inc();
+                        tracing::warn!(error = %e, agent = self.shared.agent.id, project = %path, retry_in = ?wait, "cannot check access; will retry");
+                        continue;
                     }
                 }
             }
+            let retry = async {
+                match next_retry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 _ = self.shared.revoked.ended() => continue,
@@ -109,6 +128,7 @@ impl ReconcileStream {
                     return None;
                 }
                 _ = self.shared.wake.notified() => {}
+                _ = retry => {}
             }
         }
     }

@@ -144,6 +144,38 @@ async fn gitlab_slow_or_down_fails_closed_and_retries() {
     app.stop().await;
 }
 
+/// GitLab answers 500 for one project's access check: that project is retried with backoff,
+/// and every other project of the stream (the configuration project needs no question at all)
+/// goes out meanwhile; once GitLab answers, the held-back project is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_project_does_not_block_the_stream() {
+    let db = TestDb::sqlite();
+    let (gitlab, app) = setup(&db, "5m").await;
+    gitlab
+        .state
+        .world
+        .lock()
+        .unwrap()
+        .projects
+        .insert("team/broken".into(), Project { id: 105, visibility: "broken", repository_for_everyone: true });
+    let agent = TestAgent::connect(app.agent, TOKEN).await;
+    let mut stream = agent.open(&["team/broken", "team/config", "team/public"]).await.unwrap();
+    app.push(105, "team/broken", 20).await;
+    app.push(100, "team/config", 0).await;
+    app.push(101, "team/public", 20).await;
+    let mut got = drain(&mut stream, Duration::from_millis(1500)).await;
+    got.sort();
+    assert_eq!(got, ["team/config", "team/public"], "the failing project holds nothing back");
+    assert!(gitlab.calls("verify_project_access") >= 2, "the failing project is retried");
+    // More pushes to the failing project wait with it; the agent hears it once GitLab answers.
+    app.push(105, "team/broken", 20).await;
+    gitlab.state.world.lock().unwrap().projects.get_mut("team/broken").unwrap().visibility = "public";
+    assert_eq!(next_project(&mut stream, SOON).await.as_deref(), Some("team/broken"));
+    assert!(next_project(&mut stream, QUIET).await.is_none(), "coalesced into one notification");
+    assert!(!app.metrics_text().await.contains("kas_access_check_failures_total 0"));
+    app.stop().await;
+}
+
 /// While a stream is open, its token reaches GitLab once per cache period (what keeps the agent
 /// "Connected"), no more often, and not at all once the stream is gone; a token GitLab revokes
 /// closes the stream.

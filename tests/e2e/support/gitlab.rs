@@ -193,6 +193,9 @@ async fn verify_project_access(
     let id = q.get("id").cloned().unwrap_or_default();
     let world = s.world.lock().unwrap();
     let Some(project) = world.projects.get(&id) else { return StatusCode::NOT_FOUND.into_response() };
+    if project.visibility == "broken" {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
     let allowed = id == agent.project_path || (project.visibility == "public" && project.repository_for_everyone);
     if allowed { StatusCode::NO_CONTENT.into_response() } else { StatusCode::FORBIDDEN.into_response() }
 }
