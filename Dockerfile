@@ -17,6 +17,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # Runtime: Debian slim with CA certificates (Redis and PostgreSQL over TLS), running as a numeric
 # non-root user so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
 FROM debian:trixie-20260202-slim
+# ca-certificates comes from Debian's trixie archive at build time, unpinned: a pinned version would break
+# the build as soon as a security update replaces it on the mirrors.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
