@@ -3,6 +3,7 @@
 
 mod agents;
 pub mod client;
+mod health;
 mod push;
 mod registry;
 mod watch;
@@ -57,6 +58,8 @@ pub enum Command {
     Watch(watch::WatchArgs),
     /// List the agents connected to any replica (from a server's GET /agents)
     Agents(agents::AgentsArgs),
+    /// Check that a server is alive (GET /healthz): exit 0 if it is, 1 if not
+    Health(health::HealthArgs),
 }
 
 /// Why a command failed; printed as one line.
@@ -116,6 +119,7 @@ pub async fn run(command: Command, out: &mut impl std::io::Write) -> Result<(), 
         Command::Push(args) => push::run(args, out).await,
         Command::Watch(args) => watch::run(args, out).await,
         Command::Agents(args) => agents::run(args, out).await,
+        Command::Health(args) => health::run(args, out).await,
     }
 }
 

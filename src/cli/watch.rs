@@ -1,6 +1,13 @@
 //! `kas watch`: the simplest real agent client. Opens ReconcileProjects as agentk does (bearer
-//! token, gzip), prints one JSON line per notification, reopens the stream at once after a
-//! clean end and with backoff after an error, and stops on a refused token.
+//! token, gzip), says on stderr when the stream is open, prints one JSON line per notification,
+//! reopens the stream at once after a clean end and with backoff after an error, and stops on a
+//! refused token.
+//!
+//! Replayed notifications are marked by the client, not the wire: the agent protocol has no field
+//! for it, and a count the server could send in a header would leak pushes to projects the agent
+//! may not see (the access rule runs just before each send). The server queues its replay before
+//! it answers the call, so replayed projects arrive as one burst right after the stream opens;
+//! notifications in that first burst are marked `"replayed": true`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,11 +15,18 @@ use std::time::Duration;
 use tonic::Code;
 use tonic::codec::CompressionEncoding;
 
+use tokio::time::Instant;
+
 use super::client::ConnectArgs;
 use super::{CliError, format_time, io};
 use crate::proto::flux::rpc::git_lab_flux_client::GitLabFluxClient;
 use crate::proto::flux::rpc::{Project, ReconcileProjectsRequest};
 use crate::store::now_ms;
+
+/// A notification that arrives this long after the stream opened (or after the previous replayed
+/// one) is live: the replay burst has ended. Long enough for a replay to reach a client on a
+/// loaded machine, short enough that a push made after watching starts is rarely mistaken for it.
+const REPLAY_QUIET: Duration = Duration::from_millis(500);
 
 /// Arguments of `kas watch`.
 #[derive(Debug, clap::Args)]
@@ -52,9 +66,22 @@ pub async fn run(args: WatchArgs, out: &mut impl std::io::Write) -> Result<(), C
             });
             request.metadata_mut().insert("authorization", bearer.clone());
             let mut stream = client.reconcile_projects(request).await.map_err(status_error)?.into_inner();
+            // The server has answered the call: the stream is registered and any replay queued.
+            eprintln!("connected to {}; watching {} project(s)", args.connect.addr, args.projects.len());
+            let mut burst = Some(Instant::now());
             while let Some(response) = stream.message().await.map_err(status_error)? {
+                let replayed = match burst {
+                    Some(last) if last.elapsed() < REPLAY_QUIET => {
+                        burst = Some(Instant::now());
+                        true
+                    }
+                    _ => {
+                        burst = None;
+                        false
+                    }
+                };
                 let project = response.project.map(|p| p.id).unwrap_or_default();
-                let line = serde_json::json!({ "project": project, "at": format_time(now_ms()) });
+                let line = serde_json::json!({ "project": project, "at": format_time(now_ms()), "replayed": replayed });
                 writeln!(out, "{line}").map_err(io)?;
                 out.flush().map_err(io)?;
                 seen += 1;
