@@ -145,6 +145,16 @@ pub(crate) fn closing(app: &App, extensions: &http::Extensions) -> tokio_util::s
         .unwrap_or_else(|| app.shutdown.child_token())
 }
 
+/// The status a long stream ends with when delivery ends it.
+pub(crate) fn stream_end_status(end: crate::delivery::StreamEnd) -> Status {
+    match end {
+        crate::delivery::StreamEnd::Revoked => Status::unauthenticated("agent token revoked"),
+        crate::delivery::StreamEnd::Unverified => {
+            Status::unavailable("agent token could not be re-checked for too long; reconnect")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,16 +176,6 @@ mod tests {
             if ok {
                 assert_eq!(bearer(&m).unwrap(), "abc");
             }
-        }
-    }
-}
-
-/// The status a long stream ends with when delivery ends it.
-pub(crate) fn stream_end_status(end: crate::delivery::StreamEnd) -> Status {
-    match end {
-        crate::delivery::StreamEnd::Revoked => Status::unauthenticated("agent token revoked"),
-        crate::delivery::StreamEnd::Unverified => {
-            Status::unavailable("agent token could not be re-checked for too long; reconnect")
         }
     }
 }

@@ -62,7 +62,7 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
         }
     };
     if let Err(refusal) = within_scope(&app, scope, &push).await {
-        return refusal;
+        return *refusal;
     }
     let project = push.project_path.clone();
     match app.intake.record(push, idempotency_key(headers), PushSource::Webhook).await {
@@ -90,16 +90,16 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
 /// A namespace-scoped secret speaks only for projects under its namespace: by the payload's
 /// path, and, for a project id the registry knows, by the path it has there (so a forged id
 /// cannot rewrite another namespace's project).
-async fn within_scope(app: &App, scope: &HookScope, push: &PushEvent) -> Result<(), Response> {
+async fn within_scope(app: &App, scope: &HookScope, push: &PushEvent) -> Result<(), Box<Response>> {
     let HookScope::Namespace(ns) = scope else { return Ok(()) };
     let forbidden = |path: &str| {
         app.metrics.webhook("forbidden");
         app.metrics.auth_failure("webhook");
         tracing::warn!(namespace = %ns, project = %path, "webhook secret used outside its namespace");
-        Err(reply(
+        Err(Box::new(reply(
             StatusCode::FORBIDDEN,
             json!({"error": format!("this webhook secret may only submit pushes for projects under {ns}")}),
-        ))
+        )))
     };
     if !scope.allows(push.project_path.as_str()) {
         return forbidden(push.project_path.as_str());
@@ -109,7 +109,10 @@ async fn within_scope(app: &App, scope: &HookScope, push: &PushEvent) -> Result<
         Ok(_) => Ok(()),
         Err(e) => {
             app.metrics.webhook("unavailable");
-            Err(reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": format!("cannot check the project now: {e}")})))
+            Err(Box::new(reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": format!("cannot check the project now: {e}")}),
+            )))
         }
     }
 }
