@@ -65,6 +65,7 @@ fn hub_with(
                 credential_grace: Duration::from_secs(300),
                 replica: "bench".into(),
             },
+            tokio_util::task::TaskTracker::new(),
         );
         let mut open = Vec::with_capacity(streams);
         for i in 0..streams {

@@ -259,7 +259,7 @@ impl Settings {
         }
         let gitlab_external_url = s.gitlab_external_url.map(|u| parse_url("gitlab_external_url", &u)).transpose()?;
         let gitlab_url = s.gitlab_url.map(|u| parse_url("gitlab_url", &u)).transpose()?;
-        Ok(Config {
+        let config = Config {
             store,
             http_addr: parse_addr("http_addr", s.http_addr.as_deref().unwrap_or("127.0.0.1:8080"))?,
             agent_addr: parse_addr("agent_addr", s.agent_addr.as_deref().unwrap_or("127.0.0.1:8150"))?,
@@ -283,7 +283,34 @@ impl Settings {
             gitlab_url,
             gitlab_api_token_file: s.gitlab_api_token_file.map(PathBuf::from),
             gitlab_cache_ttl: parse_duration_setting("gitlab_cache_ttl", s.gitlab_cache_ttl.as_deref(), "5m")?,
-        })
+        };
+        config.check_consistency()?;
+        Ok(config)
+    }
+}
+
+/// GitLab shows an agent as connected only while its token was used within this long.
+const GITLAB_CONNECTED_WINDOW: Duration = Duration::from_secs(8 * 60);
+
+impl Config {
+    /// Refuses settings that contradict each other.
+    fn check_consistency(&self) -> Result<(), ConfigError> {
+        if self.event_retention < self.replay_window {
+            return Err(invalid(
+                "event_retention",
+                format!(
+                    "{:?} is shorter than the replay window ({:?}): agents could not be replayed what they missed",
+                    self.event_retention, self.replay_window
+                ),
+            ));
+        }
+        if self.gitlab_cache_ttl >= GITLAB_CONNECTED_WINDOW {
+            return Err(invalid(
+                "gitlab_cache_ttl",
+                "must be under 8m: GitLab shows an agent as connected only while its token was used within 8 minutes",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -471,6 +498,10 @@ mod tests {
             ("database_url", "mysql://x", "KAS_DATABASE_URL"),
             ("tls_cert_file", "a.pem", "KAS_TLS_KEY_FILE"),
             ("gitlab_external_url", "gitlab.example.com", "KAS_GITLAB_EXTERNAL_URL"),
+            // Settings that contradict each other.
+            ("event_retention", "10m", "KAS_EVENT_RETENTION"),
+            ("gitlab_cache_ttl", "8m", "KAS_GITLAB_CACHE_TTL"),
+            ("credential_grace", "soon", "KAS_CREDENTIAL_GRACE"),
         ] {
             let err = settings(&[(key, value)]).resolve().unwrap_err().to_string();
             assert!(err.contains(needle), "{key}={value}: {err}");

@@ -125,9 +125,19 @@ pub async fn serve(
         None => Arc::new(MemoryEngine::default()),
     };
     let (directory, config_source) = identity(&config, &store, &engine, &metrics, &secrets)?;
-    let hub = Hub::new(directory.clone(), store.clone(), engine.clone(), metrics.clone(), hub_config(&config));
+    // Every background task joins one tracker: shutdown waits for it (positions are saved)
+    // before the database closes.
+    let background = TaskTracker::new();
+    let hub = Hub::new(
+        directory.clone(),
+        store.clone(),
+        engine.clone(),
+        metrics.clone(),
+        hub_config(&config),
+        background.clone(),
+    );
     hub.start(token.clone()).await;
-    let config_watch = ConfigWatch::new(config_source);
+    let config_watch = ConfigWatch::new(config_source, background.clone());
     config_watch.start(token.clone());
     // Every recorded push goes to the agent streams and to the configuration watch (a push to a
     // configuration project may change an agent's configuration file).
@@ -138,6 +148,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         replay_window: config.replay_window,
         shutdown: token.clone(),
+        tasks: background.clone(),
     });
     let (outbox, outbox_tasks) =
         Outbox::start(store.clone(), engine.clone(), local, metrics.clone(), config.event_retention);
@@ -210,6 +221,8 @@ pub async fn serve(
         // No request can record anything now: finish what is queued and publish it.
         app.intake.close().await;
         outbox_tasks.shutdown(outbox).await;
+        background.close();
+        background.wait().await;
     };
     if tokio::time::timeout(app.config.shutdown_grace, drain).await.is_err() {
         tracing::warn!("grace period over; closing the remaining connections");

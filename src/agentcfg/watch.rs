@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::source::ConfigSource;
 use crate::domain::AgentId;
@@ -33,6 +34,8 @@ struct Watches {
 pub struct ConfigWatch {
     source: Arc<dyn ConfigSource>,
     watches: Mutex<Watches>,
+    /// The server's background tasks.
+    tasks: TaskTracker,
 }
 
 /// A stream's subscription; dropping it unsubscribes.
@@ -44,9 +47,9 @@ pub struct ConfigSubscription {
 }
 
 impl ConfigWatch {
-    /// A watch over `source`.
-    pub fn new(source: Arc<dyn ConfigSource>) -> Arc<Self> {
-        Arc::new(Self { source, watches: Mutex::default() })
+    /// A watch over `source`; its tasks join `tasks`, which shutdown waits for.
+    pub fn new(source: Arc<dyn ConfigSource>, tasks: TaskTracker) -> Arc<Self> {
+        Arc::new(Self { source, watches: Mutex::default(), tasks })
     }
 
     /// The source the watch reads.
@@ -57,7 +60,7 @@ impl ConfigWatch {
     /// Polls until `stop`.
     pub fn start(self: &Arc<Self>, stop: CancellationToken) {
         let watch = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut tick = tokio::time::interval(watch.source.poll_interval());
             loop {
                 tokio::select! {
@@ -131,7 +134,7 @@ impl LocalDelivery for ConfigWatch {
             return;
         }
         let source = self.source.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let agents: Vec<AgentIdentity> = pushed.iter().map(|(a, _)| a.clone()).collect();
             for (agent, version) in source.versions(&agents).await {
                 if let Some((_, tx)) = pushed.iter().find(|(a, _)| a.id == agent) {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::pending::Pending;
 use super::stream::{EndSignal, ReconcileStream, StreamEnd};
@@ -89,6 +90,9 @@ pub struct Hub {
     pub(super) engine: Arc<dyn Engine>,
     pub(super) metrics: Arc<Metrics>,
     config: HubConfig,
+    /// The server's background tasks: shutdown waits for them (final position saves included)
+    /// before the database closes.
+    tasks: TaskTracker,
 }
 
 impl Hub {
@@ -99,6 +103,7 @@ impl Hub {
         engine: Arc<dyn Engine>,
         metrics: Arc<Metrics>,
         config: HubConfig,
+        tasks: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Self {
             index: RwLock::default(),
@@ -114,10 +119,12 @@ impl Hub {
             engine,
             metrics,
             config,
+            tasks,
         })
     }
 
-    /// Starts the periodic position saving and token re-checks; they stop with `stop`.
+    /// Starts the periodic position saving and token re-checks; they stop with `stop`, the
+    /// saving after one last round.
     pub async fn start(self: &Arc<Self>, stop: CancellationToken) {
         // Streams opened before any event arrived need a starting point for their position.
         if let Ok(seq) = self.store.last_seq().await {
@@ -125,17 +132,19 @@ impl Hub {
         }
         let hub = self.clone();
         let stop_saving = stop.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut tick = tokio::time::interval(POSITION_SAVE_EVERY);
             loop {
                 tokio::select! {
-                    _ = stop_saving.cancelled() => return,
+                    _ = stop_saving.cancelled() => break,
                     _ = tick.tick() => hub.save_positions().await,
                 }
             }
+            // Streams still open at shutdown save theirs as they close; these are the others'.
+            hub.save_positions().await;
         });
         let hub = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut tick = tokio::time::interval(hub.config.token_recheck);
             loop {
                 tokio::select! {
@@ -245,8 +254,8 @@ impl Hub {
         let hub = self.clone();
         let agent = shared.agent.id;
         let id = self.connection_id(shared);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.tasks.spawn(async move {
                 hub.engine.connection_closed(&id).await;
                 hub.save_position(agent, position, true).await
             });

@@ -141,6 +141,8 @@ pub struct EngineContext {
     pub replay_window: Duration,
     /// Cancelled at shutdown.
     pub shutdown: CancellationToken,
+    /// The server's background tasks, which shutdown waits for.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 /// Fan-out across replicas, connection state and delivery positions.

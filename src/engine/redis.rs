@@ -634,9 +634,11 @@ impl Engine for RedisEngine {
             metrics: ctx.metrics.clone(),
             replay_window: ctx.replay_window,
             shutdown: ctx.shutdown.clone(),
+            tasks: ctx.tasks.clone(),
         };
-        tokio::spawn(self.clone().subscribe_loop(ctx));
-        tokio::spawn(self.heartbeat_loop(heartbeat_ctx));
+        let tasks = ctx.tasks.clone();
+        tasks.spawn(self.clone().subscribe_loop(ctx));
+        tasks.spawn(self.heartbeat_loop(heartbeat_ctx));
     }
 
     async fn broadcast(&self, notices: &[PushNotice]) -> Result<(), EngineError> {

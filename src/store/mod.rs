@@ -266,7 +266,8 @@ pub trait Store: Send + Sync + 'static {
     async fn shared_key(&self, name: &str, candidate: &str, now: i64) -> Result<String, StoreError>;
     /// The highest sequence number recorded so far (0 when the log is empty).
     async fn last_seq(&self) -> Result<i64, StoreError>;
-    /// Deletes events received before `before`, at most `limit`; returns how many.
+    /// Deletes published events received before `before`, at most `limit`; returns how many.
+    /// An event the outbox has not published yet is kept, however old.
     async fn prune_pushes(&self, before: i64, limit: i64) -> Result<u64, StoreError>;
     /// The newest `limit` events of the log, newest first.
     async fn recent_pushes(&self, limit: i64) -> Result<Vec<LoggedPush>, StoreError>;

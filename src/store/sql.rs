@@ -560,8 +560,9 @@ macro_rules! impl_store {
 
             async fn prune_pushes(&self, before: i64, limit: i64) -> Result<u64, StoreError> {
                 let done = sqlx::query(
+                    // Never an event the outbox still owes to the other replicas.
                     "DELETE FROM push_events WHERE seq IN \
-                     (SELECT seq FROM push_events WHERE received_at < $1 ORDER BY seq LIMIT $2)",
+                     (SELECT seq FROM push_events WHERE received_at < $1 AND published_at IS NOT NULL ORDER BY seq LIMIT $2)",
                 )
                 .bind(before)
                 .bind(limit)

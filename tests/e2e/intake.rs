@@ -271,7 +271,9 @@ async fn old_events_are_pruned() {
     let db = TestDb::sqlite();
     let store = db.open_store().await;
     let old = kas::store::now_ms() - 3_600_000;
-    store.record_pushes(&[crate::store_story::push("old", 1, "g/p", None, old)]).await.unwrap();
+    let recorded = store.record_pushes(&[crate::store_story::push("old", 1, "g/p", None, old)]).await.unwrap();
+    let kas::store::RecordOutcome::Recorded(old_notice) = &recorded[0] else { panic!("recorded") };
+    store.mark_published(&[old_notice.seq], old + 1).await.unwrap();
     store.record_pushes(&[crate::store_story::push("new", 1, "g/p", None, kas::store::now_ms())]).await.unwrap();
     store.close().await;
     let app = TestApp::spawn(&db, |s| s.event_retention = Some("30m".into())).await;

@@ -202,6 +202,9 @@ async fn event_log_story(db: TestDb) {
     assert_eq!(store.prune_pushes(250, 1).await.unwrap(), 1);
     assert_eq!(store.prune_pushes(250, 100).await.unwrap(), 1);
     assert_eq!(store.recent_pushes(10).await.unwrap().len(), 2);
+    // An event the outbox has not published is kept, however old.
+    assert_eq!(store.prune_pushes(i64::MAX, 100).await.unwrap(), 0);
+    assert_eq!(store.recent_pushes(10).await.unwrap().len(), 2);
 
     // Positions.
     assert!(store.load_position(42).await.unwrap().is_none());
