@@ -63,6 +63,7 @@ fn hub_with(
                 replay_overlap: Duration::from_secs(120),
                 token_recheck: Duration::from_secs(3600),
                 credential_grace: Duration::from_secs(300),
+                max_streams_per_agent: usize::MAX,
                 replica: "bench".into(),
             },
             tokio_util::task::TaskTracker::new(),
@@ -77,7 +78,7 @@ fn hub_with(
                 default_branch: None,
                 credential: i as i64,
             };
-            open.push(hub.open(agent, vec![own(i), shared.to_owned()], CancellationToken::new()).await);
+            open.push(hub.open(agent, vec![own(i), shared.to_owned()], CancellationToken::new()).await.unwrap());
         }
         (hub, open, dir)
     })

@@ -130,6 +130,12 @@ settings! {
     admin_secret_file => "KAS_ADMIN_SECRET_FILE",
     /// Longest time open streams keep serving while their credentials cannot be re-checked [default: 5m]
     credential_grace => "KAS_CREDENTIAL_GRACE",
+    /// Most long streams (ReconcileProjects, configuration, tunnels) one agent may hold per replica [default: 2048]
+    max_streams_per_agent => "KAS_MAX_STREAMS_PER_AGENT",
+    /// Most projects one ReconcileProjects stream may ask for [default: 10000]
+    max_projects_per_stream => "KAS_MAX_PROJECTS_PER_STREAM",
+    /// Largest ReconcileProjects request, in bytes (or with KiB/MiB) [default: 2MiB]
+    max_reconcile_request => "KAS_MAX_RECONCILE_REQUEST",
     /// How long an agent that reconnects still gets what it missed [default: 15m]
     replay_window => "KAS_REPLAY_WINDOW",
     /// How long recorded push events are kept [default: 7d]
@@ -206,6 +212,12 @@ pub struct Config {
     pub admin_secret_file: Option<PathBuf>,
     /// How long streams outlive failing credential re-checks before ending with UNAVAILABLE.
     pub credential_grace: Duration,
+    /// Most long streams per agent per replica.
+    pub max_streams_per_agent: usize,
+    /// Most projects per ReconcileProjects stream.
+    pub max_projects_per_stream: usize,
+    /// Largest ReconcileProjects request in bytes.
+    pub max_reconcile_request: usize,
     /// Replay window for reconnecting agents.
     pub replay_window: Duration,
     /// Retention of the push-event log.
@@ -270,6 +282,16 @@ impl Settings {
             gitlab_secret_file: s.gitlab_secret_file.map(PathBuf::from),
             admin_secret_file: s.admin_secret_file.map(PathBuf::from),
             credential_grace: parse_duration_setting("credential_grace", s.credential_grace.as_deref(), "5m")?,
+            max_streams_per_agent: parse_count("max_streams_per_agent", s.max_streams_per_agent.as_deref(), 2048)?,
+            max_projects_per_stream: parse_count(
+                "max_projects_per_stream",
+                s.max_projects_per_stream.as_deref(),
+                10_000,
+            )?,
+            max_reconcile_request: parse_size(
+                "max_reconcile_request",
+                s.max_reconcile_request.as_deref().unwrap_or("2MiB"),
+            )?,
             replay_window: parse_duration_setting("replay_window", s.replay_window.as_deref(), "15m")?,
             event_retention: parse_duration_setting("event_retention", s.event_retention.as_deref(), "7d")?,
             webhook_body_limit: parse_size("webhook_body_limit", s.webhook_body_limit.as_deref().unwrap_or("1MiB"))?,
@@ -286,6 +308,17 @@ impl Settings {
         };
         config.check_consistency()?;
         Ok(config)
+    }
+}
+
+/// A positive whole number, or `default` when unset.
+fn parse_count(field: &str, raw: Option<&str>, default: usize) -> Result<usize, ConfigError> {
+    match raw {
+        None => Ok(default),
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(invalid(field, format!("{v:?} is not a positive whole number"))),
+        },
     }
 }
 

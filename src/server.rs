@@ -250,6 +250,7 @@ fn hub_config(config: &Config) -> HubConfig {
         replay_overlap: std::time::Duration::from_secs(120).min(config.replay_window),
         token_recheck: config.token_recheck,
         credential_grace: config.credential_grace,
+        max_streams_per_agent: config.max_streams_per_agent,
         replica: config.replica_name.clone(),
     }
 }

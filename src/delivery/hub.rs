@@ -18,8 +18,9 @@ use crate::store::{DeliveryPosition, PushNotice, Store, now_ms};
 
 /// Events replayed from the log per query.
 const REPLAY_PAGE: i64 = 5000;
-/// A project set this small is filtered in SQL during replay; larger sets scan the window.
-const REPLAY_SQL_FILTER_MAX: usize = 200;
+/// Project paths per replay query: a large project set is read in chunks, each filtered in SQL
+/// through the (project_path, received_at) index, so opening a stream never scans the window.
+const REPLAY_PATHS_PER_QUERY: usize = 500;
 /// Sequence numbers remembered as delivered here, so an event that arrives twice (the outbox's
 /// sweep, a catch-up after a Redis outage) is queued once.
 const REMEMBERED: usize = 200_000;
@@ -40,6 +41,9 @@ pub struct HubConfig {
     pub token_recheck: Duration,
     /// How long a stream keeps serving while its credential cannot be re-checked.
     pub credential_grace: Duration,
+    /// Most long streams (ReconcileProjects, configuration, tunnel) one agent may hold open on
+    /// this replica.
+    pub max_streams_per_agent: usize,
     /// This replica's name, in connection records.
     pub replica: String,
 }
@@ -57,11 +61,22 @@ pub(super) struct StreamShared {
     pub saved_seq: AtomicI64,
 }
 
+/// One agent already holds as many long streams on this replica as it may.
+#[derive(Debug, thiserror::Error)]
+#[error("agent {agent} already has {limit} streams open on this replica")]
+pub struct TooManyStreams {
+    /// The agent.
+    pub agent: i64,
+    /// The limit it reached.
+    pub limit: usize,
+}
+
 /// Watches one credential for the lifetime of a non-ReconcileProjects stream; `revoked` fires
 /// when the credential stops working. Dropping it stops the watch.
 pub struct CredentialGuard {
     hub: Arc<Hub>,
     id: u64,
+    agent: i64,
     /// Ends when the credential is revoked or cannot be verified any more.
     pub revoked: Arc<EndSignal>,
 }
@@ -69,6 +84,7 @@ pub struct CredentialGuard {
 impl Drop for CredentialGuard {
     fn drop(&mut self) {
         self.hub.watched.lock().expect("watched lock").remove(&self.id);
+        self.hub.release(self.agent);
     }
 }
 
@@ -83,6 +99,8 @@ pub struct Hub {
     seen: Mutex<Seen>,
     /// Credentials of other long streams (configuration, tunnel), re-checked like the streams'.
     watched: Mutex<HashMap<u64, (i64, Arc<EndSignal>)>>,
+    /// Long streams held per agent (all kinds), against `max_streams_per_agent`.
+    held: Mutex<HashMap<i64, usize>>,
     /// When each held credential was last known good (authenticated or re-checked).
     verified_at: Mutex<HashMap<i64, tokio::time::Instant>>,
     pub(super) directory: Arc<dyn AgentDirectory>,
@@ -114,6 +132,7 @@ impl Hub {
             seen: Mutex::default(),
             watched: Mutex::default(),
             verified_at: Mutex::default(),
+            held: Mutex::default(),
             directory,
             store,
             engine,
@@ -155,6 +174,29 @@ impl Hub {
         });
     }
 
+    /// Counts one more long stream for `agent`, unless it holds as many as it may.
+    fn admit(&self, agent: i64) -> Result<(), TooManyStreams> {
+        let limit = self.config.max_streams_per_agent;
+        let mut held = self.held.lock().expect("held lock");
+        let n = held.entry(agent).or_default();
+        if *n >= limit {
+            return Err(TooManyStreams { agent, limit });
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    /// Counts one long stream of `agent` less.
+    fn release(&self, agent: i64) {
+        let mut held = self.held.lock().expect("held lock");
+        if let Some(n) = held.get_mut(&agent) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&agent);
+            }
+        }
+    }
+
     /// Opens a stream for `agent` over `projects`: registers it, then queues what the agent
     /// missed since its last position. The stream ends with OK when `closing` fires.
     pub async fn open(
@@ -162,7 +204,8 @@ impl Hub {
         agent: AgentIdentity,
         projects: Vec<String>,
         closing: CancellationToken,
-    ) -> ReconcileStream {
+    ) -> Result<ReconcileStream, TooManyStreams> {
+        self.admit(agent.id)?;
         let shared = self.register(agent, projects);
         self.engine
             .connection_opened(ConnectionRecord {
@@ -184,7 +227,7 @@ impl Hub {
         let position = self.position_of(&shared);
         self.save_position(shared.agent.id, position, true).await;
         shared.saved_seq.store(position.seq, Ordering::Relaxed);
-        ReconcileStream::new(self.clone(), shared, closing)
+        Ok(ReconcileStream::new(self.clone(), shared, closing))
     }
 
     fn connection_id(&self, shared: &StreamShared) -> String {
@@ -240,6 +283,7 @@ impl Hub {
             }
         }
         self.streams.lock().expect("streams lock").remove(&shared.id);
+        self.release(shared.agent.id);
         {
             let mut agents = self.agents.lock().expect("agents lock");
             if let Some(n) = agents.get_mut(&shared.agent.id) {
@@ -342,34 +386,32 @@ impl Hub {
         };
         let now = now_ms();
         let not_before = now - self.config.replay_window.as_millis() as i64;
-        let mut overlap_from = position.at - self.config.replay_overlap.as_millis() as i64;
-        let mut after = position.seq;
-        let filter: Vec<String> = if shared.projects.len() <= REPLAY_SQL_FILTER_MAX {
-            shared.projects.iter().map(|p| p.to_string()).collect()
-        } else {
-            Vec::new()
-        };
+        let first_overlap = position.at - self.config.replay_overlap.as_millis() as i64;
         let wanted: HashMap<&str, &Arc<str>> = shared.projects.iter().map(|p| (&**p, p)).collect();
         let mut replayed = 0u64;
-        loop {
-            let page = match self.store.pushes_since(after, overlap_from, not_before, &filter, REPLAY_PAGE).await {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::warn!(error = %e, agent = shared.agent.id, "cannot replay missed events");
-                    return;
+        for chunk in shared.projects.chunks(REPLAY_PATHS_PER_QUERY) {
+            let filter: Vec<String> = chunk.iter().map(|p| p.to_string()).collect();
+            let (mut after, mut overlap_from) = (position.seq, first_overlap);
+            loop {
+                let page = match self.store.pushes_since(after, overlap_from, not_before, &filter, REPLAY_PAGE).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(error = %e, agent = shared.agent.id, "cannot replay missed events");
+                        return;
+                    }
+                };
+                for n in &page {
+                    if let Some(path) = wanted.get(n.project_path.as_str()) {
+                        replayed += u64::from(self.offer(shared, path, n));
+                    }
                 }
-            };
-            for n in &page {
-                if let Some(path) = wanted.get(n.project_path.as_str()) {
-                    replayed += u64::from(self.offer(shared, path, n));
+                match page.last() {
+                    Some(last) if page.len() as i64 == REPLAY_PAGE => {
+                        after = last.seq;
+                        overlap_from = i64::MAX;
+                    }
+                    _ => break,
                 }
-            }
-            match page.last() {
-                Some(last) if page.len() as i64 == REPLAY_PAGE => {
-                    after = last.seq;
-                    overlap_from = i64::MAX;
-                }
-                _ => break,
             }
         }
         if replayed > 0 {
@@ -453,13 +495,14 @@ impl Hub {
         }
     }
 
-    /// Watches `credential` until the guard is dropped.
-    pub fn watch_credential(self: &Arc<Self>, credential: i64) -> CredentialGuard {
+    /// Counts a long stream of `agent` and watches its credential until the guard is dropped.
+    pub fn watch_credential(self: &Arc<Self>, agent: &AgentIdentity) -> Result<CredentialGuard, TooManyStreams> {
+        self.admit(agent.id)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let revoked = Arc::<EndSignal>::default();
-        self.verified(credential);
-        self.watched.lock().expect("watched lock").insert(id, (credential, revoked.clone()));
-        CredentialGuard { hub: self.clone(), id, revoked }
+        self.verified(agent.credential);
+        self.watched.lock().expect("watched lock").insert(id, (agent.credential, revoked.clone()));
+        Ok(CredentialGuard { hub: self.clone(), id, agent: agent.id, revoked })
     }
 }
 

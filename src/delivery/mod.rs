@@ -11,5 +11,5 @@ mod hub;
 mod pending;
 mod stream;
 
-pub use hub::{CredentialGuard, Hub, HubConfig};
+pub use hub::{CredentialGuard, Hub, HubConfig, TooManyStreams};
 pub use stream::{EndSignal, ReconcileStream, StreamEnd};

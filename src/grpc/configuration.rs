@@ -95,7 +95,13 @@ async fn serve(
     tx: mpsc::Sender<Result<ConfigurationResponse, Status>>,
 ) {
     let _gauge = OpenGauge::new(app.metrics.streams("get_configuration"));
-    let credential = app.hub.watch_credential(agent.credential);
+    let credential = match app.hub.watch_credential(&agent) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(Err(super::too_many(e))).await;
+            return;
+        }
+    };
     // Registration on this stream, as upstream does when the agent does not register itself.
     let registration = (!request.skip_register).then(|| {
         let mut id = [0u8; 8];

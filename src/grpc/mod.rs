@@ -32,9 +32,11 @@ const MAX_MESSAGE: usize = 4 << 20;
 
 /// Services on the agent listener.
 pub fn agent_routes(app: Arc<App>) -> axum::Router {
+    // Decoded up to the larger bound; `flux::validate` refuses anything over the setting with
+    // RESOURCE_EXHAUSTED (tonic's own refusal would say OUT_OF_RANGE).
     let flux = GitLabFluxServer::new(flux::FluxService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
-        .max_decoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(MAX_MESSAGE.max(app.config.max_reconcile_request));
     let configuration = AgentConfigurationServer::new(configuration::ConfigurationService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(MAX_MESSAGE);
@@ -143,6 +145,12 @@ pub(crate) fn closing(app: &App, extensions: &http::Extensions) -> tokio_util::s
         .get::<crate::listener::ConnectionInfo>()
         .map(|c| c.closing.clone())
         .unwrap_or_else(|| app.shutdown.child_token())
+}
+
+/// An agent over its stream limit.
+pub(crate) fn too_many(e: crate::delivery::TooManyStreams) -> Status {
+    tracing::warn!(agent = e.agent, limit = e.limit, "refusing a stream: the agent holds as many as it may");
+    Status::resource_exhausted(e.to_string())
 }
 
 /// The status a long stream ends with when delivery ends it.

@@ -49,7 +49,7 @@ impl ReverseTunnel for TunnelService {
             Some(_) => return Err(Status::invalid_argument("the first message must be the agent descriptor")),
             None => return Ok(Response::new(Box::pin(futures::stream::empty()))),
         }
-        let credential = app.hub.watch_credential(agent.credential);
+        let credential = app.hub.watch_credential(&agent).map_err(super::too_many)?;
         let gauge = OpenGauge::new(app.metrics.streams("reverse_tunnel"));
         // One future that ends the stream: OK when the connection closes or the agent hangs
         // up, UNAUTHENTICATED when the token is revoked.

@@ -7,6 +7,7 @@ mod cli;
 mod crash;
 mod gitlab_mode;
 mod intake;
+mod limits;
 mod replicas;
 mod security;
 mod server;
