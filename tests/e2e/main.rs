@@ -6,6 +6,7 @@ mod agentk;
 mod cli;
 mod gitlab_mode;
 mod intake;
+mod rails;
 mod replicas;
 mod server;
 mod store_story;
