@@ -269,7 +269,9 @@ fn identity(
             .map_err(ServeError::GitLab)?,
     );
     if reqwest::Url::parse(url).is_ok_and(|u| !u.username().is_empty() || u.password().is_some()) {
-        tracing::warn!("the user:password in KAS_GITLAB_URL is not sent: GitLab's internal API authenticates kas by its JWT");
+        tracing::warn!(
+            "the user:password in KAS_GITLAB_URL is not sent: GitLab's internal API authenticates kas by its JWT"
+        );
     }
     tracing::info!(gitlab = %client.base_url(), cache = ?config.gitlab_cache_ttl, "agents, tokens, access and configuration come from GitLab");
     Ok((
@@ -280,7 +282,9 @@ fn identity(
 
 /// The CA certificates in `--gitlab-ca-file` (PEM): at least one, or the start fails.
 fn gitlab_ca(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, ServeError> {
-    let err = |reason: String| ServeError::GitLab(format!("--gitlab-ca-file (KAS_GITLAB_CA_FILE) {}: {reason}", path.display()));
+    let err = |reason: String| {
+        ServeError::GitLab(format!("--gitlab-ca-file (KAS_GITLAB_CA_FILE) {}: {reason}", path.display()))
+    };
     let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
     let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
     if certs.is_empty() {

@@ -374,7 +374,8 @@ impl GitLabClient {
 fn sensitive(value: &str) -> reqwest::header::HeaderValue {
     // Tokens come from HTTP/2 metadata, so they are valid header values; an invalid one
     // becomes an empty value, which GitLab refuses like any unknown token.
-    let mut v = reqwest::header::HeaderValue::from_str(value).unwrap_or_else(|_| reqwest::header::HeaderValue::from_static(""));
+    let mut v =
+        reqwest::header::HeaderValue::from_str(value).unwrap_or_else(|_| reqwest::header::HeaderValue::from_static(""));
     v.set_sensitive(true);
     v
 }

@@ -44,7 +44,10 @@ impl ConfigurationProject for ConfigurationProjectService {
         })?;
         let config_files = names
             .into_iter()
-            .map(|n| AgentConfigFile { name: crate::agentcfg::file_path(n.as_str()), agent_name: n.as_str().to_owned() })
+            .map(|n| AgentConfigFile {
+                name: crate::agentcfg::file_path(n.as_str()),
+                agent_name: n.as_str().to_owned(),
+            })
             .collect();
         Ok(Response::new(ListAgentConfigFilesResponse { config_files }))
     }

@@ -85,7 +85,11 @@ async fn app_with_agent(db: &TestDb, tweak: impl FnOnce(&mut kas::config::Settin
 }
 
 /// GetConfiguration as agentk 17.1+ opens it: the commit id only.
-pub(crate) async fn get_configuration(channel: &Channel, token: &str, commit: &str) -> Streaming<ConfigurationResponse> {
+pub(crate) async fn get_configuration(
+    channel: &Channel,
+    token: &str,
+    commit: &str,
+) -> Streaming<ConfigurationResponse> {
     let request = ConfigurationRequest17 { commit_id: commit.into() };
     wire::server_streaming(channel, wire::GET_CONFIGURATION, as_agent(token, request)).await.unwrap()
 }
@@ -337,7 +341,8 @@ async fn agentk_18_registers_and_unregisters_across_replicas() {
         assert!(connected18(&b, path, &[agent_id]).await.is_empty(), "{path}: no pod from the configuration stream");
     }
 
-    let request = |token: &str, pod_id: i64| as_agent(token, RegisterRequest18 { agent_meta: Some(meta18("agentk-18")), pod_id });
+    let request =
+        |token: &str, pod_id: i64| as_agent(token, RegisterRequest18 { agent_meta: Some(meta18("agentk-18")), pod_id });
     wire::unary::<_, Empty>(&on_a, wire::REGISTER, request(&token, 1801), true).await.unwrap();
     for path in wire::BY_AGENT_IDS {
         let pods = connected18(&b, path, &[agent_id, 999_999]).await;
@@ -479,4 +484,27 @@ fn config_commands_validate_the_file() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("version 2"), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(kas(&["agent", "config", "cfg", "--clear"]).status.success());
+}
+
+/// The seed's service-proxy Receiver URL: `kas agent config` takes it, and agentk gets it as it
+/// was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_proxy_receiver_url_through_kas_agent_config() {
+    const URL: &str = "/api/v1/namespaces/flux-system/services/http:webhook-receiver:80/proxy";
+    let db = TestDb::sqlite();
+    let (app, _, token) = app_with_agent(&db, |_| {}).await;
+    let file = db.data_dir().join("proxy.yaml");
+    std::fs::write(&file, format!("flux:\n  webhook_receiver_url: {URL}\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
+        .args(["agent", "config", "deployer", "--file", file.to_str().unwrap()])
+        .env("KAS_DATABASE_URL", db.url())
+        .env("KAS_DATA_DIR", db.data_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (channel, _) = connect(app.agent, Transport::Plain).await;
+    let mut config = get_configuration(&channel, &token, "").await;
+    let first = next_config(&mut config, SOON).await.expect("configuration sent");
+    assert_eq!(first.configuration.unwrap().flux.unwrap().webhook_receiver_url, URL);
+    app.stop().await;
 }

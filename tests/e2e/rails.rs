@@ -41,9 +41,8 @@ async fn server_info_is_kas_version_and_git_ref() {
         "{}",
         info.git_ref
     );
-    let err = call::<_, GetServerInfoResponse>(&app, wire::GET_SERVER_INFO, tonic::Request::new(Empty {}))
-        .await
-        .unwrap_err();
+    let err =
+        call::<_, GetServerInfoResponse>(&app, wire::GET_SERVER_INFO, tonic::Request::new(Empty {})).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "GitLab's JWT is required");
     app.stop().await;
 }

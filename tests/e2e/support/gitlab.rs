@@ -154,7 +154,8 @@ impl StandInGitLab {
         use rustls::pki_types::pem::PemObject;
         crate::support::init();
         let (state, app) = Self::app(secret, api_token, Version::V18);
-        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()).map(Result::unwrap).collect();
+        let certs =
+            rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()).map(Result::unwrap).collect();
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
         let config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

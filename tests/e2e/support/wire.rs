@@ -319,7 +319,12 @@ fn grpc(channel: Channel, gzip: bool) -> tonic::client::Grpc<Channel> {
 }
 
 /// A unary call of `path` (agentk compresses with gzip; Rails does not).
-pub async fn unary<Req, Resp>(channel: &Channel, path: &'static str, request: Request<Req>, gzip: bool) -> Result<Resp, Status>
+pub async fn unary<Req, Resp>(
+    channel: &Channel,
+    path: &'static str,
+    request: Request<Req>,
+    gzip: bool,
+) -> Result<Resp, Status>
 where
     Req: Message + Send + Sync + 'static,
     Resp: Message + Default + Send + Sync + 'static,
