@@ -164,6 +164,8 @@ settings! {
     gitlab_api_token_file => "KAS_GITLAB_API_TOKEN_FILE",
     /// How long GitLab's answers about tokens and access are trusted (GitLab mode) [default: 5m]
     gitlab_cache_ttl => "KAS_GITLAB_CACHE_TTL",
+    /// PEM file with the CA certificate(s) of GitLab's https:// URL, trusted besides the public roots
+    gitlab_ca_file => "KAS_GITLAB_CA_FILE",
 }
 
 /// The settings the registry commands need: where the database is.
@@ -244,6 +246,8 @@ pub struct Config {
     pub gitlab_api_token_file: Option<PathBuf>,
     /// Lifetime of cached GitLab answers (GitLab-backed mode).
     pub gitlab_cache_ttl: Duration,
+    /// Extra CA certificates (PEM) for GitLab's URL (GitLab-backed mode).
+    pub gitlab_ca_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -305,6 +309,7 @@ impl Settings {
             gitlab_url,
             gitlab_api_token_file: s.gitlab_api_token_file.map(PathBuf::from),
             gitlab_cache_ttl: parse_duration_setting("gitlab_cache_ttl", s.gitlab_cache_ttl.as_deref(), "5m")?,
+            gitlab_ca_file: s.gitlab_ca_file.map(PathBuf::from),
         };
         config.check_consistency()?;
         Ok(config)
@@ -407,7 +412,8 @@ fn parse_url(field: &str, raw: &str) -> Result<String, ConfigError> {
     if ok && trimmed.parse::<http::Uri>().is_ok() {
         Ok(trimmed.to_owned())
     } else {
-        Err(invalid(field, format!("{raw:?} is not an http:// or https:// URL")))
+        let shown = crate::gitlab::client::redact_url(raw);
+        Err(invalid(field, format!("{shown:?} is not an http:// or https:// URL")))
     }
 }
 

@@ -287,14 +287,37 @@ fn identity(
             None
         }
     };
+    let roots = match &config.gitlab_ca_file {
+        Some(path) => gitlab_ca(path)?,
+        None => Vec::new(),
+    };
     let client = Arc::new(
-        GitLabClient::new(url, GitLabJwt::new(key.expose()), api_token, metrics.clone()).map_err(ServeError::GitLab)?,
+        GitLabClient::new(url, GitLabJwt::new(key.expose()), api_token, roots, metrics.clone())
+            .map_err(ServeError::GitLab)?,
     );
-    tracing::info!(gitlab = %url, cache = ?config.gitlab_cache_ttl, "agents, tokens, access and configuration come from GitLab");
+    if reqwest::Url::parse(url).is_ok_and(|u| !u.username().is_empty() || u.password().is_some()) {
+        tracing::warn!(
+            "the user:password in KAS_GITLAB_URL is not sent: GitLab's internal API authenticates kas by its JWT"
+        );
+    }
+    tracing::info!(gitlab = %client.base_url(), cache = ?config.gitlab_cache_ttl, "agents, tokens, access and configuration come from GitLab");
     Ok((
         Arc::new(GitLabDirectory::new(client.clone(), engine.clone(), config.gitlab_cache_ttl)),
         Arc::new(GitLabConfigSource::new(client)),
     ))
+}
+
+/// The CA certificates in `--gitlab-ca-file` (PEM): at least one, or the start fails.
+fn gitlab_ca(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, ServeError> {
+    let err = |reason: String| {
+        ServeError::GitLab(format!("--gitlab-ca-file (KAS_GITLAB_CA_FILE) {}: {reason}", path.display()))
+    };
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no PEM certificate in the file".into()));
+    }
+    Ok(certs)
 }
 
 /// Completes on SIGTERM or SIGINT: what the binaries pass to `serve`.

@@ -97,16 +97,66 @@ impl AgentConfigFile {
         let parsed: Option<Self> =
             serde_yaml_ng::from_str(text).map_err(|e| ConfigFileError::Invalid(e.to_string()))?;
         let parsed = parsed.unwrap_or_default();
-        if let Some(url) = parsed.flux.as_ref().and_then(|f| f.webhook_receiver_url.as_deref()) {
-            let ok = (url.starts_with("http://") || url.starts_with("https://")) && url.parse::<http::Uri>().is_ok();
-            if !ok {
-                return Err(ConfigFileError::Invalid(format!(
-                    "flux.webhook_receiver_url {url:?} is not an http(s) URL"
-                )));
-            }
+        if let Some(url) = parsed.flux.as_ref().and_then(|f| f.webhook_receiver_url.as_deref())
+            && !is_receiver_url(url)
+        {
+            return Err(ConfigFileError::Invalid(format!(
+                "flux.webhook_receiver_url {url:?} is neither an http(s) URL nor a service proxy path \
+                 (/api/v1/namespaces/<namespace>/services/<[scheme:]name[:port]>/proxy)"
+            )));
         }
         Ok(parsed)
     }
+}
+
+/// Where GitLab keeps an agent's configuration file in its configuration project.
+pub fn file_path(agent_name: &str) -> String {
+    format!(".gitlab/agents/{agent_name}/config.yaml")
+}
+
+/// Whether agentk takes `url` as its Flux Receiver address: an absolute http(s) URL it POSTs to
+/// itself, or the path of a Service through the Kubernetes API server's service proxy,
+/// `/api/v1/namespaces/<namespace>/services/<[scheme:]name[:port]>/proxy[/…]`, which it calls
+/// with its own cluster credentials. Either is sent to the agent unchanged.
+pub fn is_receiver_url(url: &str) -> bool {
+    if url.parse::<http::Uri>().is_err() {
+        return false;
+    }
+    if let Some(rest) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) {
+        return !rest.is_empty() && !rest.starts_with('/');
+    }
+    let Some(rest) = url.strip_prefix("/api/v1/namespaces/") else { return false };
+    let mut parts = rest.splitn(4, '/');
+    let (Some(namespace), Some("services"), Some(service), Some(tail)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let proxy = tail == "proxy" || tail.starts_with("proxy/");
+    proxy && !url.contains(['?', '#']) && dns_label(namespace) && service_ref(service)
+}
+
+/// `[scheme:]name[:port]` as the Kubernetes API server splits it.
+fn service_ref(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (scheme, name, port) = match parts[..] {
+        [name] => ("", name, ""),
+        [name, port] => ("", name, port),
+        [scheme, name, port] => (scheme, name, port),
+        _ => return false,
+    };
+    let port_ok = port.is_empty()
+        || port.parse::<u16>().is_ok_and(|p| p > 0)
+        || (port.len() <= 15 && dns_label(port) && port.bytes().any(|b| b.is_ascii_lowercase()));
+    matches!(scheme, "" | "http" | "https") && dns_label(name) && port_ok
+}
+
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// The version of a stored configuration as agents see it (`commit_id`): a digest of what is
@@ -152,8 +202,45 @@ mod tests {
         assert!(AgentConfigFile::parse("observability:\n  logging:\n    level: loud\n").is_err());
         assert!(AgentConfigFile::parse("- a list\n").is_err());
         assert!(AgentConfigFile::parse("flux:\n  webhook_receiver_url: ftp://x\n").is_err());
+        assert!(AgentConfigFile::parse("flux:\n  webhook_receiver_url: /etc/passwd\n").is_err());
         let big = format!("# {}\n", "x".repeat(MAX_CONFIG_BYTES));
         assert_eq!(AgentConfigFile::parse(&big).unwrap_err(), ConfigFileError::TooLarge(big.len()));
+    }
+
+    #[test]
+    fn receiver_urls_agentk_accepts() {
+        for ok in [
+            "http://webhook-receiver.flux-system.svc.cluster.local",
+            "https://receiver.example.com:8443/base",
+            "/api/v1/namespaces/flux-system/services/http:webhook-receiver:80/proxy",
+            "/api/v1/namespaces/flux-system/services/webhook-receiver/proxy",
+            "/api/v1/namespaces/flux-system/services/webhook-receiver:http/proxy",
+            "/api/v1/namespaces/flux-system/services/https:webhook-receiver:/proxy/",
+            "/api/v1/namespaces/flux-system/services/webhook-receiver:9292/proxy/prefix",
+        ] {
+            assert!(is_receiver_url(ok), "{ok}");
+            let text = format!("flux:\n  webhook_receiver_url: {ok}\n");
+            let file = AgentConfigFile::parse(&text).unwrap();
+            assert_eq!(file.flux.unwrap().webhook_receiver_url.as_deref(), Some(ok), "kept unchanged");
+        }
+        for bad in [
+            "",
+            "http://",
+            "http:///path",
+            "ftp://receiver",
+            "webhook-receiver.flux-system",
+            "/api/v1/namespaces/flux-system/services/http:webhook-receiver:80",
+            "/api/v1/namespaces/flux-system/services/http:webhook-receiver:80/proxyx",
+            "/api/v1/namespaces/Flux/services/webhook-receiver/proxy",
+            "/api/v1/namespaces/flux-system/services/ftp:webhook-receiver:80/proxy",
+            "/api/v1/namespaces/flux-system/services/a:b:c:d/proxy",
+            "/api/v1/namespaces/flux-system/services/webhook-receiver:0/proxy",
+            "/api/v1/namespaces/flux-system/services/:80/proxy",
+            "/api/v1/namespaces/flux-system/pods/webhook-receiver/proxy",
+            "/api/v1/namespaces/flux-system/services/webhook-receiver/proxy?x=1",
+        ] {
+            assert!(!is_receiver_url(bad), "{bad}");
+        }
     }
 
     #[test]

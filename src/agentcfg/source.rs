@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::domain::AgentId;
+use crate::domain::{AgentId, AgentName, ProjectPath};
 use crate::identity::AgentIdentity;
 use crate::store::Store;
 
@@ -42,6 +42,8 @@ pub trait ConfigSource: Send + Sync + 'static {
     async fn versions(&self, agents: &[AgentIdentity]) -> Vec<(AgentId, String)>;
     /// How often watched agents are checked for changes.
     fn poll_interval(&self) -> Duration;
+    /// The agents whose configuration lives in `project` (GitLab's "Connect a cluster" list).
+    async fn config_files(&self, project: &ProjectPath) -> Result<Vec<AgentName>, ConfigSourceError>;
 }
 
 /// Configuration files stored in kas's database.
@@ -82,5 +84,11 @@ impl ConfigSource for RegistryConfigSource {
     fn poll_interval(&self) -> Duration {
         // A database query for every watched agent at once: cheap enough to notice changes fast.
         Duration::from_secs(2)
+    }
+
+    async fn config_files(&self, project: &ProjectPath) -> Result<Vec<AgentName>, ConfigSourceError> {
+        // The registry is managed by hand and small; GitLab asks only when its page is opened.
+        let agents = self.store.list_agents().await.map_err(|e| ConfigSourceError::Unavailable(e.to_string()))?;
+        Ok(agents.into_iter().filter(|a| &a.config_project == project).map(|a| a.name).collect())
     }
 }

@@ -85,6 +85,10 @@ pub struct AgentMetaRecord {
     pub pod_name: String,
     /// Kubernetes version: major, minor, git version, platform.
     pub kubernetes_version: Option<[String; 4]>,
+    /// The `AgentMeta` message exactly as the pod sent it (base64), fields kas does not know
+    /// included; what GitLab gets back. Empty in records written before kas kept it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub raw: String,
 }
 
 /// A registered agent pod (`AgentRegistrar/Register`, or a configuration stream that asked to

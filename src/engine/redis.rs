@@ -535,9 +535,9 @@ impl RedisEngine {
                 _ = tick.tick() => {}
             }
             beats += 1;
-            let full =
-                beats.is_multiple_of(FULL_REWRITE_EVERY) || self.rewrite_connections.swap(false, Ordering::Relaxed);
-            if let Err(e) = self.heartbeat(full).await {
+            let repair = self.rewrite_connections.swap(false, Ordering::Relaxed);
+            let full = beats.is_multiple_of(FULL_REWRITE_EVERY) || repair;
+            if let Err(e) = self.heartbeat(full, repair).await {
                 tracing::debug!(error = %e, "heartbeat failed");
                 self.rewrite_connections.store(true, Ordering::Relaxed);
             }
@@ -549,7 +549,10 @@ impl RedisEngine {
         let _ = self.run::<()>(&pipe).await;
     }
 
-    async fn heartbeat(&self, full: bool) -> Result<(), EngineError> {
+    /// Refreshes this replica's entry; `full` rewrites its connection table, `repair` also
+    /// rewrites its pod registrations (only after a failed write: a periodic rewrite would bring
+    /// back a pod that unregistered through another replica).
+    async fn heartbeat(&self, full: bool, repair: bool) -> Result<(), EngineError> {
         let now = now_ms();
         let key = self.keys.connections(&self.replica);
         let ttl = REPLICA_TTL.as_secs();
@@ -581,7 +584,7 @@ impl RedisEngine {
         } else {
             pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
         }
-        if full {
+        if repair {
             let pods: Vec<PodRecord> = {
                 let mut local = self.local_pods.lock().expect("pods lock");
                 local.retain(|_, p| p.expires_at > now);

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::client::{GitLabClient, GitLabError};
 use crate::agentcfg::source::{ConfigSnapshot, ConfigSource, ConfigSourceError};
-use crate::domain::AgentId;
+use crate::domain::{AgentId, AgentName, ProjectPath};
 use crate::identity::AgentIdentity;
 
 /// How often watched agents' branch heads are checked (besides every push to their project).
@@ -50,7 +50,7 @@ impl ConfigSource for GitLabConfigSource {
             return Ok(ConfigSnapshot { text: String::new(), version: "no-branch".into(), commit_id: None });
         };
         let project = agent.config_project_id.expect("checked by head()");
-        let path = format!(".gitlab/agents/{}/config.yaml", agent.name);
+        let path = crate::agentcfg::file_path(&agent.name);
         let text = self.client.file(project, &path, &head).await.map_err(unavailable)?.unwrap_or_default();
         Ok(ConfigSnapshot { text, version: head.clone(), commit_id: Some(head) })
     }
@@ -71,5 +71,15 @@ impl ConfigSource for GitLabConfigSource {
 
     fn poll_interval(&self) -> Duration {
         POLL
+    }
+
+    async fn config_files(&self, project: &ProjectPath) -> Result<Vec<AgentName>, ConfigSourceError> {
+        if !self.client.can_read_files() {
+            // As for the files themselves: without an API token there is nothing to list.
+            return Ok(Vec::new());
+        }
+        let names = self.client.agent_config_files(project.as_str()).await.map_err(unavailable)?;
+        // A directory that is not a valid agent name cannot hold an agent's configuration.
+        Ok(names.iter().filter_map(|n| AgentName::parse(n).ok()).collect())
     }
 }

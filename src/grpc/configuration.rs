@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -52,35 +53,47 @@ impl AgentConfiguration for ConfigurationService {
         let agent = super::authenticate_agent(&app, request.metadata()).await?;
         let closing = super::closing(&app, request.extensions());
         let request = request.into_inner();
+        // Registration on this stream, as upstream does, only for agents that send who they are
+        // and do not register themselves: agentk 17.1+ sends only the commit id (and registers
+        // through AgentRegistrar), so registering it here would list a pod that does not exist.
+        let registration = match (&request.agent_meta, request.skip_register) {
+            (Some(raw), false) => {
+                let mut id = [0u8; 8];
+                getrandom::fill(&mut id).expect("random source");
+                Some(((i64::from_le_bytes(id) & i64::MAX).max(1), meta_record(raw)?))
+            }
+            _ => None,
+        };
         let (tx, rx) = mpsc::channel(1);
         tracing::info!(agent = agent.id, name = %agent.name, "GetConfiguration stream opened");
-        tokio::spawn(serve(app, agent, request, closing, tx));
+        tokio::spawn(serve(app, agent, request.commit_id, registration, closing, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
-/// Converts agentk's `AgentMeta` for the connection state.
-pub(crate) fn meta_record(meta: &AgentMeta) -> AgentMetaRecord {
-    AgentMetaRecord {
-        version: meta.version.clone(),
-        commit_id: meta.commit_id.clone(),
-        pod_namespace: meta.pod_namespace.clone(),
-        pod_name: meta.pod_name.clone(),
-        kubernetes_version: meta
-            .kubernetes_version
-            .as_ref()
-            .map(|k| [k.major.clone(), k.minor.clone(), k.git_version.clone(), k.platform.clone()]),
-    }
+/// Reads agentk's `AgentMeta` (sent as bytes, see proto/README.md) for the connection state,
+/// keeping the bytes themselves so fields kas does not know reach GitLab unchanged.
+pub(crate) fn meta_record(raw: &[u8]) -> Result<AgentMetaRecord, Status> {
+    use base64::Engine as _;
+    let meta = AgentMeta::decode(raw).map_err(|e| Status::invalid_argument(format!("agent_meta: {e}")))?;
+    Ok(AgentMetaRecord {
+        version: meta.version,
+        commit_id: meta.commit_id,
+        pod_namespace: meta.pod_namespace,
+        pod_name: meta.pod_name,
+        kubernetes_version: meta.kubernetes_version.map(|k| [k.major, k.minor, k.git_version, k.platform]),
+        raw: base64::engine::general_purpose::STANDARD.encode(raw),
+    })
 }
 
 /// A registration record for `agent`'s pod.
-pub(crate) fn pod_record(app: &App, agent: &AgentIdentity, pod_id: i64, meta: &AgentMeta) -> PodRecord {
+pub(crate) fn pod_record(app: &App, agent: &AgentIdentity, pod_id: i64, meta: AgentMetaRecord) -> PodRecord {
     let now = now_ms();
     PodRecord {
         agent_id: agent.id,
         project_id: agent.config_project_id.unwrap_or(0),
         pod_id,
-        meta: meta_record(meta),
+        meta,
         connected_at: now,
         replica: app.config.replica_name.clone(),
         expires_at: now + REGISTRATION_TTL.as_millis() as i64,
@@ -90,7 +103,8 @@ pub(crate) fn pod_record(app: &App, agent: &AgentIdentity, pod_id: i64, meta: &A
 async fn serve(
     app: Arc<App>,
     agent: AgentIdentity,
-    request: ConfigurationRequest,
+    mut last_sent: String,
+    registration: Option<(i64, AgentMetaRecord)>,
     closing: tokio_util::sync::CancellationToken,
     tx: mpsc::Sender<Result<ConfigurationResponse, Status>>,
 ) {
@@ -102,19 +116,11 @@ async fn serve(
             return;
         }
     };
-    // Registration on this stream, as upstream does when the agent does not register itself.
-    let registration = (!request.skip_register).then(|| {
-        let mut id = [0u8; 8];
-        getrandom::fill(&mut id).expect("random source");
-        let pod_id = (i64::from_le_bytes(id) & i64::MAX).max(1);
-        (pod_id, request.agent_meta.clone().unwrap_or_default())
-    });
     if let Some((pod_id, meta)) = &registration {
-        app.engine.register_pod(pod_record(&app, &agent, *pod_id, meta)).await;
+        app.engine.register_pod(pod_record(&app, &agent, *pod_id, meta.clone())).await;
     }
     let mut refresh =
         tokio::time::interval_at(tokio::time::Instant::now() + REGISTRATION_REFRESH, REGISTRATION_REFRESH);
-    let mut last_sent = request.commit_id;
     let mut subscription = None;
     loop {
         let snapshot = match app.config_watch.source().load(&agent).await {
@@ -155,7 +161,7 @@ async fn serve(
                 _ = tx.closed() => break false,
                 _ = refresh.tick() => {
                     if let Some((pod_id, meta)) = &registration {
-                        app.engine.register_pod(pod_record(&app, &agent, *pod_id, meta)).await;
+                        app.engine.register_pod(pod_record(&app, &agent, *pod_id, meta.clone())).await;
                     }
                 }
             }

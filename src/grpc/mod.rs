@@ -3,9 +3,11 @@
 
 pub mod codec;
 mod configuration;
+mod configuration_project;
 mod flux;
 mod notifications;
 mod registrar;
+pub mod server_info;
 mod tracker;
 mod tunnel;
 
@@ -22,10 +24,12 @@ use crate::identity::{AgentIdentity, IdentityError};
 use crate::proto::agent_configuration::rpc::agent_configuration_server::AgentConfigurationServer;
 use crate::proto::agent_registrar::rpc::agent_registrar_server::AgentRegistrarServer;
 use crate::proto::agent_tracker::rpc::agent_tracker_server::AgentTrackerServer;
+use crate::proto::configuration_project::rpc::configuration_project_server::ConfigurationProjectServer;
 use crate::proto::flux::rpc::git_lab_flux_server::GitLabFluxServer;
 use crate::proto::gitlab_access::rpc::gitlab_access_server::GitlabAccessServer;
 use crate::proto::notifications::rpc::notifications_server::NotificationsServer;
 use crate::proto::reverse_tunnel::rpc::reverse_tunnel_server::ReverseTunnelServer;
+use crate::proto::server_info::rpc::server_info_server::ServerInfoServer;
 
 /// Largest message accepted from a client.
 const MAX_MESSAGE: usize = 4 << 20;
@@ -90,10 +94,23 @@ pub fn api_routes(app: Arc<App>) -> axum::Router {
     let notifications = NotificationsServer::new(notifications::NotificationsService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(MAX_MESSAGE);
-    let tracker = AgentTrackerServer::new(tracker::TrackerService::new(app))
+    let tracker = AgentTrackerServer::new(tracker::TrackerService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(MAX_MESSAGE);
-    Routes::new(notifications).add_service(tracker).prepare().into_axum_router()
+    // What GitLab Rails 17/18 also calls on its agent server (`gitlab_kas` internal URL).
+    let server_info = ServerInfoServer::new(server_info::ServerInfoService::new(app.clone()))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(MAX_MESSAGE);
+    let configuration_project =
+        ConfigurationProjectServer::new(configuration_project::ConfigurationProjectService::new(app))
+            .accept_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(MAX_MESSAGE);
+    Routes::new(notifications)
+        .add_service(tracker)
+        .add_service(server_info)
+        .add_service(configuration_project)
+        .prepare()
+        .into_axum_router()
 }
 
 /// The credential of `authorization: Bearer <credential>` (scheme case-insensitive).

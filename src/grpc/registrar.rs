@@ -1,5 +1,6 @@
-//! `AgentRegistrar/Register`: agentk registers each pod every 5 minutes; the registration is
-//! kept in the connection state and expires on its own when the pod stops renewing it.
+//! `AgentRegistrar`: agentk registers each pod every 5 minutes (the registration is kept in the
+//! connection state and expires on its own when the pod stops renewing it) and, since 17.4,
+//! unregisters a pod when it stops.
 
 use std::sync::Arc;
 
@@ -7,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::app::App;
 use crate::proto::agent_registrar::rpc::agent_registrar_server::AgentRegistrar;
-use crate::proto::agent_registrar::rpc::{RegisterRequest, RegisterResponse};
+use crate::proto::agent_registrar::rpc::{RegisterRequest, RegisterResponse, UnregisterRequest, UnregisterResponse};
 
 /// The AgentRegistrar service.
 pub struct RegistrarService {
@@ -27,12 +28,27 @@ impl AgentRegistrar for RegistrarService {
         let app = &self.app;
         let agent = super::authenticate_agent(app, request.metadata()).await?;
         let request = request.into_inner();
-        let meta = request.agent_meta.ok_or_else(|| Status::invalid_argument("agent_meta is required"))?;
+        let raw = request.agent_meta.ok_or_else(|| Status::invalid_argument("agent_meta is required"))?;
         if request.pod_id == 0 {
             return Err(Status::invalid_argument("pod_id is required"));
         }
-        app.engine.register_pod(super::configuration::pod_record(app, &agent, request.pod_id, &meta)).await;
-        tracing::debug!(agent = agent.id, pod = request.pod_id, pod_name = %meta.pod_name, "agent pod registered");
+        let meta = super::configuration::meta_record(&raw)?;
+        let pod_name = meta.pod_name.clone();
+        app.engine.register_pod(super::configuration::pod_record(app, &agent, request.pod_id, meta)).await;
+        tracing::debug!(agent = agent.id, pod = request.pod_id, %pod_name, "agent pod registered");
         Ok(Response::new(RegisterResponse {}))
+    }
+
+    async fn unregister(&self, request: Request<UnregisterRequest>) -> Result<Response<UnregisterResponse>, Status> {
+        let app = &self.app;
+        let agent = super::authenticate_agent(app, request.metadata()).await?;
+        let request = request.into_inner();
+        if request.pod_id == 0 {
+            return Err(Status::invalid_argument("pod_id is required"));
+        }
+        // The agent's own pods only: the engine keys registrations by (agent, pod).
+        app.engine.unregister_pod(agent.id, request.pod_id).await;
+        tracing::debug!(agent = agent.id, pod = request.pod_id, "agent pod unregistered");
+        Ok(Response::new(UnregisterResponse {}))
     }
 }

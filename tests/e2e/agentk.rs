@@ -1,17 +1,11 @@
-//! An unmodified agentk against kas: configuration, registration, connected agents, the
-//! reverse tunnel, GitLab access, maximum connection age, and all of it over WebSocket.
+//! An unmodified agentk (16 to 18) against kas: configuration, registration, connected agents,
+//! the reverse tunnel, GitLab access, maximum connection age, and all of it over WebSocket.
+//! agentk's and GitLab's messages are declared per version in `support/wire.rs`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use kas::domain::{ProjectInfo, ProjectPath, RepositoryAccess, Visibility};
-use kas::proto::agent_configuration::rpc::agent_configuration_client::AgentConfigurationClient;
-use kas::proto::agent_configuration::rpc::{ConfigurationRequest, ConfigurationResponse};
-use kas::proto::agent_registrar::rpc::RegisterRequest;
-use kas::proto::agent_registrar::rpc::agent_registrar_client::AgentRegistrarClient;
-use kas::proto::agent_tracker::rpc::GetConnectedAgentsRequest;
-use kas::proto::agent_tracker::rpc::agent_tracker_client::AgentTrackerClient;
-use kas::proto::agent_tracker::rpc::get_connected_agents_request::Request as By;
-use kas::proto::entity::{AgentMeta, KubernetesVersion};
 use kas::proto::flux::rpc::git_lab_flux_client::GitLabFluxClient;
 use kas::proto::flux::rpc::{Project, ReconcileProjectsRequest};
 use kas::proto::gitlab_access::rpc::gitlab_access_client::GitlabAccessClient;
@@ -23,24 +17,48 @@ use tonic::codec::{CompressionEncoding, Streaming};
 use tonic::transport::Channel;
 
 use crate::support::agentk::{AGENTK_AUTHORITY, Transport, as_agent, connect, plain_with_agentk_authority};
+use crate::support::wire::{
+    self, AgentMeta16, AgentMeta18, By, ConfigurationRequest16, ConfigurationRequest17, ConfigurationResponse,
+    ConnectedAgentInfo16, ConnectedAgentInfo18, Empty, KubernetesVersion, RegisterRequest16, RegisterRequest18,
+};
 use crate::support::{TestApp, TestDb};
 
 const SOON: Duration = Duration::from_secs(10);
 const CONFIG: &str = "flux:\n  webhook_receiver_url: http://receiver.flux-system.svc/hook\nobservability:\n  logging:\n    level: debug\nci_access:\n  projects:\n    - id: g/other\n";
 const EXTERNAL: &str = "https://gitlab.example.com";
+const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
 
-fn meta(pod: &str) -> AgentMeta {
-    AgentMeta {
-        version: "v17.6.0".into(),
+fn kubernetes() -> Option<KubernetesVersion> {
+    Some(KubernetesVersion {
+        major: "1".into(),
+        minor: "31".into(),
+        git_version: "v1.31.2".into(),
+        platform: "linux/amd64".into(),
+    })
+}
+
+/// What agentk 16 says about a pod.
+fn meta(pod: &str) -> AgentMeta16 {
+    AgentMeta16 {
+        version: "v16.11.0".into(),
         commit_id: "abc123".into(),
         pod_namespace: "gitlab-agent".into(),
         pod_name: pod.into(),
-        kubernetes_version: Some(KubernetesVersion {
-            major: "1".into(),
-            minor: "31".into(),
-            git_version: "v1.31.2".into(),
-            platform: "linux/amd64".into(),
-        }),
+        kubernetes_version: kubernetes(),
+    }
+}
+
+/// What agentk 18 says about a pod, with a field from a later version nobody declares yet.
+fn meta18(pod: &str) -> AgentMeta18 {
+    AgentMeta18 {
+        version: "v18.2.1".into(),
+        commit_id: "def456".into(),
+        pod_namespace: "gitlab-agent".into(),
+        pod_name: pod.into(),
+        kubernetes_version: kubernetes(),
+        git_ref: "v18.2.1".into(),
+        extra_telemetry_data: HashMap::from([("helm_chart_version".into(), "2.16.0".into())]),
+        later: "a field from a later agentk".into(),
     }
 }
 
@@ -66,19 +84,32 @@ async fn app_with_agent(db: &TestDb, tweak: impl FnOnce(&mut kas::config::Settin
     (app, agent.id, token)
 }
 
-async fn get_configuration(
+/// GetConfiguration as agentk 17.1+ opens it: the commit id only.
+pub(crate) async fn get_configuration(
     channel: &Channel,
     token: &str,
     commit: &str,
+) -> Streaming<ConfigurationResponse> {
+    let request = ConfigurationRequest17 { commit_id: commit.into() };
+    wire::server_streaming(channel, wire::GET_CONFIGURATION, as_agent(token, request)).await.unwrap()
+}
+
+/// GetConfiguration as agentk 16 opens it: with its metadata, and asking kas to register the
+/// pod on the stream unless it registers itself.
+async fn get_configuration16(
+    channel: &Channel,
+    token: &str,
     skip_register: bool,
     pod: &str,
 ) -> Streaming<ConfigurationResponse> {
-    let mut client = AgentConfigurationClient::new(channel.clone()).send_compressed(CompressionEncoding::Gzip);
-    let request = ConfigurationRequest { commit_id: commit.into(), agent_meta: Some(meta(pod)), skip_register };
-    client.get_configuration(as_agent(token, request)).await.unwrap().into_inner()
+    let request = ConfigurationRequest16 { commit_id: String::new(), agent_meta: Some(meta(pod)), skip_register };
+    wire::server_streaming(channel, wire::GET_CONFIGURATION, as_agent(token, request)).await.unwrap()
 }
 
-async fn next_config(stream: &mut Streaming<ConfigurationResponse>, within: Duration) -> Option<ConfigurationResponse> {
+pub(crate) async fn next_config(
+    stream: &mut Streaming<ConfigurationResponse>,
+    within: Duration,
+) -> Option<ConfigurationResponse> {
     match tokio::time::timeout(within, stream.message()).await {
         Err(_) => None,
         Ok(result) => Some(result.expect("no stream error").expect("stream open")),
@@ -88,7 +119,7 @@ async fn next_config(stream: &mut Streaming<ConfigurationResponse>, within: Dura
 /// The whole Flux path of agentk on one connection: configuration first, then ReconcileProjects.
 async fn flux_path(app: &TestApp, agent_id: i64, token: &str, transport: Transport) {
     let (channel, handshake) = connect(app.agent, transport).await;
-    let mut config = get_configuration(&channel, token, "", true, "agentk-0").await;
+    let mut config = get_configuration(&channel, token, "").await;
     let first = next_config(&mut config, SOON).await.expect("configuration sent");
     assert!(!first.commit_id.is_empty());
     let c = first.configuration.expect("configuration present");
@@ -97,7 +128,7 @@ async fn flux_path(app: &TestApp, agent_id: i64, token: &str, transport: Transpo
     assert_eq!(c.project_path, "team/agent-config");
     assert_eq!(c.gitlab_external_url, EXTERNAL);
     assert_eq!(c.flux.unwrap().webhook_receiver_url, "http://receiver.flux-system.svc/hook");
-    assert_eq!(c.observability.unwrap().logging.unwrap().level, kas::proto::agentcfg::LogLevelEnum::Debug as i32);
+    assert_eq!(c.observability.unwrap().logging.unwrap().level, 1, "debug");
 
     let mut flux = GitLabFluxClient::new(channel.clone()).send_compressed(CompressionEncoding::Gzip);
     let request = ReconcileProjectsRequest { project: vec![Project { id: "team/agent-config".into() }] };
@@ -107,7 +138,7 @@ async fn flux_path(app: &TestApp, agent_id: i64, token: &str, transport: Transpo
     assert_eq!(got.project.unwrap().id, "team/agent-config");
 
     // The same commit id again: nothing is sent, and the stream stays open.
-    let mut same = get_configuration(&channel, token, &first.commit_id, true, "agentk-0").await;
+    let mut same = get_configuration(&channel, token, &first.commit_id).await;
     assert!(next_config(&mut same, Duration::from_millis(800)).await.is_none());
     // A changed configuration reaches both open streams.
     app.store.set_agent_config(agent_id, Some("flux:\n  webhook_receiver_url: http://other/hook\n")).await.unwrap();
@@ -170,31 +201,41 @@ async fn without_rewriting_h2_refuses_the_agentk_authority() {
     let db = TestDb::sqlite();
     let (app, _, token) = app_with_agent(&db, |_| {}).await;
     let channel = plain_with_agentk_authority(app.agent).await;
-    let mut client = AgentConfigurationClient::new(channel);
-    let request = ConfigurationRequest { commit_id: String::new(), agent_meta: Some(meta("p")), skip_register: true };
-    let result = client.get_configuration(as_agent(&token, request)).await;
+    let request = as_agent(&token, ConfigurationRequest17 { commit_id: String::new() });
+    let result = wire::server_streaming::<_, ConfigurationResponse>(&channel, wire::GET_CONFIGURATION, request).await;
     assert!(result.is_err(), "h2 accepted {AGENTK_AUTHORITY:?}; the rewrite would be unnecessary");
     app.stop().await;
 }
 
-async fn tracker(app: &TestApp) -> AgentTrackerClient<Channel> {
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", app.api)).unwrap().connect().await.unwrap();
-    AgentTrackerClient::new(channel)
+async fn api_channel(app: &TestApp) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{}", app.api)).unwrap().connect().await.unwrap()
 }
 
-async fn connected(app: &TestApp, by: By) -> Vec<kas::proto::agent_tracker::ConnectedAgentInfo> {
-    let mut client = tracker(app).await;
-    let jwt = crate::intake::gitlab_jwt(b"0123456789abcdef0123456789abcdef", "gitlab-kas", 60);
-    let mut request = tonic::Request::new(GetConnectedAgentsRequest { request: Some(by) });
-    request.metadata_mut().insert("authorization", format!("Bearer {jwt}").parse().unwrap());
-    let mut agents = client.get_connected_agents(request).await.unwrap().into_inner().agents;
+fn rails_jwt() -> String {
+    crate::intake::gitlab_jwt(SECRET, "gitlab-kas", 60)
+}
+
+/// `GetConnectedAgents` as GitLab 16 calls it.
+async fn connected16(app: &TestApp, by: By) -> Vec<ConnectedAgentInfo16> {
+    let request = wire::as_rails(&rails_jwt(), wire::GetConnectedAgentsRequest16 { request: Some(by) });
+    let response: wire::GetConnectedAgentsResponse16 =
+        wire::unary(&api_channel(app).await, wire::GET_CONNECTED_AGENTS, request, false).await.unwrap();
+    let mut agents = response.agents;
     agents.sort_by_key(|a| a.connection_id);
     agents
 }
 
-/// Register on one replica, GetConnectedAgents on another; registration on the configuration
-/// stream too, gone when the stream ends.
+/// The by-ids call as GitLab 16.7 to 18 makes it, under the method name `path`.
+pub(crate) async fn connected18(app: &TestApp, path: &'static str, ids: &[i64]) -> Vec<ConnectedAgentInfo18> {
+    let request = wire::as_rails(&rails_jwt(), wire::ByAgentIdsRequest { agent_ids: ids.to_vec() });
+    let response: wire::ByAgentIdsResponse = wire::unary(&api_channel(app).await, path, request, false).await.unwrap();
+    let mut agents = response.agents;
+    agents.sort_by_key(|a| a.connection_id);
+    agents
+}
+
+/// agentk 16 registers on one replica, GitLab 16 lists on another; registration on the
+/// configuration stream too, gone when the stream ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_is_visible_across_replicas() {
     let db = TestDb::postgres().await;
@@ -211,40 +252,33 @@ async fn registration_is_visible_across_replicas() {
     })
     .await;
     let (channel, _) = connect(a.agent, Transport::Plain).await;
-    let mut registrar = AgentRegistrarClient::new(channel.clone()).send_compressed(CompressionEncoding::Gzip);
-    registrar
-        .register(as_agent(&token, RegisterRequest { agent_meta: Some(meta("agentk-7d9f")), pod_id: 777 }))
-        .await
-        .unwrap();
-    let bad = registrar.register(as_agent(&token, RegisterRequest { agent_meta: None, pod_id: 1 })).await.unwrap_err();
+    let register = |token: &str, agent_meta: Option<AgentMeta16>, pod_id: i64| {
+        let request = as_agent(token, RegisterRequest16 { agent_meta, pod_id });
+        let channel = channel.clone();
+        async move { wire::unary::<_, Empty>(&channel, wire::REGISTER, request, true).await }
+    };
+    register(&token, Some(meta("agentk-7d9f")), 777).await.unwrap();
+    let bad = register(&token, None, 1).await.unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
-    let unauthenticated = registrar
-        .register(as_agent("glagent-wrong", RegisterRequest { agent_meta: Some(meta("x")), pod_id: 1 }))
-        .await
-        .unwrap_err();
+    let unauthenticated = register("glagent-wrong", Some(meta("x")), 1).await.unwrap_err();
     assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated);
 
-    let by_agent = connected(&b, By::AgentId(agent_id)).await;
+    let by_agent = connected16(&b, By::AgentId(agent_id)).await;
     assert_eq!(by_agent.len(), 1);
     let info = &by_agent[0];
     assert_eq!((info.connection_id, info.agent_id, info.project_id), (777, agent_id, 42));
-    let m = info.agent_meta.as_ref().unwrap();
-    assert_eq!((m.version.as_str(), m.pod_name.as_str()), ("v17.6.0", "agentk-7d9f"));
-    assert_eq!(m.kubernetes_version.as_ref().unwrap().git_version, "v1.31.2");
+    assert_eq!(info.agent_meta.as_ref(), Some(&meta("agentk-7d9f")), "what the pod sent");
     assert!(info.connected_at.as_ref().unwrap().seconds > 0);
-    assert_eq!(connected(&b, By::ProjectId(42)).await.len(), 1);
-    assert!(connected(&b, By::ProjectId(43)).await.is_empty());
+    assert_eq!(connected16(&b, By::ProjectId(42)).await.len(), 1);
+    assert!(connected16(&b, By::ProjectId(43)).await.is_empty());
     // Re-registering keeps the first connected_at.
-    registrar
-        .register(as_agent(&token, RegisterRequest { agent_meta: Some(meta("agentk-7d9f")), pod_id: 777 }))
-        .await
-        .unwrap();
-    assert_eq!(connected(&a, By::AgentId(agent_id)).await[0].connected_at, info.connected_at);
+    register(&token, Some(meta("agentk-7d9f")), 777).await.unwrap();
+    assert_eq!(connected16(&a, By::AgentId(agent_id)).await[0].connected_at, info.connected_at);
 
-    // A configuration stream that does not register itself is registered by kas while open.
-    let mut config = get_configuration(&channel, &token, "", false, "agentk-stream").await;
+    // agentk 16 asking kas to register it on its configuration stream: registered while open.
+    let mut config = get_configuration16(&channel, &token, false, "agentk-stream").await;
     next_config(&mut config, SOON).await.unwrap();
-    let pods = connected(&b, By::AgentId(agent_id)).await;
+    let pods = connected16(&b, By::AgentId(agent_id)).await;
     assert_eq!(pods.len(), 2);
     assert!(pods.iter().any(|p| p.agent_meta.as_ref().unwrap().pod_name == "agentk-stream"));
     // `kas agents` shows version and pod.
@@ -254,20 +288,87 @@ async fn registration_is_visible_across_replicas() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("gitlab-agent/agentk-7d9f") && table.contains("v17.6.0"), "{table}");
+    assert!(table.contains("gitlab-agent/agentk-7d9f") && table.contains("v16.11.0"), "{table}");
     drop(config);
     drop(channel);
     let gone =
-        crate::support::eventually(SOON, || async { connected(&b, By::AgentId(agent_id)).await.len() == 1 }).await;
+        crate::support::eventually(SOON, || async { connected16(&b, By::AgentId(agent_id)).await.len() == 1 }).await;
     assert!(gone, "the stream's registration ends with the stream");
 
     // GetConnectedAgents needs GitLab's JWT.
-    let mut client = tracker(&b).await;
-    let err = client
-        .get_connected_agents(GetConnectedAgentsRequest { request: Some(By::AgentId(agent_id)) })
-        .await
-        .unwrap_err();
+    let request = tonic::Request::new(wire::GetConnectedAgentsRequest16 { request: Some(By::AgentId(agent_id)) });
+    let err = wire::unary::<_, wire::GetConnectedAgentsResponse16>(
+        &api_channel(&b).await,
+        wire::GET_CONNECTED_AGENTS,
+        request,
+        false,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    a.stop().await;
+    b.stop().await;
+    crate::support::redis::cleanup(&prefix).await;
+    db.cleanup().await;
+}
+
+/// agentk 17.1+ opens its configuration stream with only a commit id: no phantom pod. agentk 18
+/// registers with its newer metadata, which GitLab 18 reads back whole (fields kas does not
+/// know included) under all three by-ids names, from another replica; Unregister through
+/// another replica removes the pod everywhere, and only the agent's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentk_18_registers_and_unregisters_across_replicas() {
+    let db = TestDb::postgres().await;
+    let prefix = crate::support::redis::prefix();
+    let redis = |s: &mut kas::config::Settings| {
+        s.redis_url = Some(crate::support::redis::SHARED.into());
+        s.redis_prefix = Some(prefix.clone());
+    };
+    let (a, agent_id, token) = app_with_agent(&db, redis).await;
+    let secret = crate::intake::write_gitlab_secret(&db);
+    let b = TestApp::spawn(&db, |s| {
+        redis(s);
+        s.gitlab_secret_file = Some(secret);
+    })
+    .await;
+    let (_, other_token) = a.create_agent("other", "team/agent-config").await;
+    let (on_a, _) = connect(a.agent, Transport::Plain).await;
+    let (on_b, _) = connect(b.agent, Transport::Plain).await;
+
+    let mut config = get_configuration(&on_a, &token, "").await;
+    assert!(next_config(&mut config, SOON).await.is_some(), "configured");
+    for path in wire::BY_AGENT_IDS {
+        assert!(connected18(&b, path, &[agent_id]).await.is_empty(), "{path}: no pod from the configuration stream");
+    }
+
+    let request =
+        |token: &str, pod_id: i64| as_agent(token, RegisterRequest18 { agent_meta: Some(meta18("agentk-18")), pod_id });
+    wire::unary::<_, Empty>(&on_a, wire::REGISTER, request(&token, 1801), true).await.unwrap();
+    for path in wire::BY_AGENT_IDS {
+        let pods = connected18(&b, path, &[agent_id, 999_999]).await;
+        assert_eq!(pods.len(), 1, "{path}");
+        let p = &pods[0];
+        assert_eq!((p.connection_id, p.agent_id, p.project_id), (1801, agent_id, 42), "{path}");
+        assert_eq!(p.agent_meta.as_ref(), Some(&meta18("agentk-18")), "{path}: kept whole, later fields too");
+        assert!(p.connected_at.is_some() && p.warnings.is_empty());
+    }
+    // GitLab 16 reads the same pod with its older message.
+    let old = connected16(&b, By::AgentId(agent_id)).await;
+    assert_eq!(old[0].agent_meta.as_ref().unwrap().version, "v18.2.1");
+
+    // Another agent cannot unregister this pod; a pod id is required; the token is checked.
+    wire::unary::<_, Empty>(&on_b, wire::UNREGISTER, request(&other_token, 1801), true).await.unwrap();
+    assert_eq!(connected18(&a, wire::BY_AGENT_IDS[2], &[agent_id]).await.len(), 1, "not another agent's pod");
+    let err = wire::unary::<_, Empty>(&on_b, wire::UNREGISTER, request(&token, 0), true).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = wire::unary::<_, Empty>(&on_b, wire::UNREGISTER, request("glagent-wrong", 1801), true).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // The pod stops: agentk unregisters it, here through the other replica.
+    wire::unary::<_, Empty>(&on_b, wire::UNREGISTER, request(&token, 1801), true).await.unwrap();
+    for app in [&a, &b] {
+        assert!(connected18(app, wire::BY_AGENT_IDS[1], &[agent_id]).await.is_empty(), "gone on every replica");
+    }
     a.stop().await;
     b.stop().await;
     crate::support::redis::cleanup(&prefix).await;
@@ -332,7 +433,7 @@ async fn max_connection_age_ends_streams_with_ok() {
     let (app, _, token) = app_with_agent(&db, |s| s.max_connection_age = Some("1s".into())).await;
     for transport in [Transport::Plain, Transport::WebSocket] {
         let (channel, _) = connect(app.agent, transport).await;
-        let mut config = get_configuration(&channel, &token, "", true, "p").await;
+        let mut config = get_configuration(&channel, &token, "").await;
         next_config(&mut config, SOON).await.unwrap();
         let mut flux = GitLabFluxClient::new(channel.clone());
         let request = ReconcileProjectsRequest { project: vec![Project { id: "team/agent-config".into() }] };
@@ -349,7 +450,7 @@ async fn max_connection_age_ends_streams_with_ok() {
         assert!(started.elapsed() < Duration::from_secs(5));
         // Reopened at once, on a fresh connection.
         let (channel, _) = connect(app.agent, Transport::Plain).await;
-        let mut again = get_configuration(&channel, &token, "", true, "p").await;
+        let mut again = get_configuration(&channel, &token, "").await;
         assert!(next_config(&mut again, SOON).await.is_some());
     }
     app.stop().await;
@@ -383,4 +484,27 @@ fn config_commands_validate_the_file() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("version 2"), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(kas(&["agent", "config", "cfg", "--clear"]).status.success());
+}
+
+/// The seed's service-proxy Receiver URL: `kas agent config` takes it, and agentk gets it as it
+/// was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_proxy_receiver_url_through_kas_agent_config() {
+    const URL: &str = "/api/v1/namespaces/flux-system/services/http:webhook-receiver:80/proxy";
+    let db = TestDb::sqlite();
+    let (app, _, token) = app_with_agent(&db, |_| {}).await;
+    let file = db.data_dir().join("proxy.yaml");
+    std::fs::write(&file, format!("flux:\n  webhook_receiver_url: {URL}\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
+        .args(["agent", "config", "deployer", "--file", file.to_str().unwrap()])
+        .env("KAS_DATABASE_URL", db.url())
+        .env("KAS_DATA_DIR", db.data_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (channel, _) = connect(app.agent, Transport::Plain).await;
+    let mut config = get_configuration(&channel, &token, "").await;
+    let first = next_config(&mut config, SOON).await.expect("configuration sent");
+    assert_eq!(first.configuration.unwrap().flux.unwrap().webhook_receiver_url, URL);
+    app.stop().await;
 }

@@ -1,4 +1,5 @@
-//! GitLab as the source of truth, against a stand-in GitLab started by the test.
+//! GitLab as the source of truth, against a stand-in GitLab started by the test: each GitLab
+//! version's paths and headers, private CAs, and what Rails asks kas in this mode.
 
 use std::time::Duration;
 
@@ -7,59 +8,121 @@ use kas::proto::agent_configuration::rpc::agent_configuration_client::AgentConfi
 
 use crate::support::agent::{TestAgent, drain, next_project};
 use crate::support::agentk::as_agent;
-use crate::support::gitlab::{Agent, Mode, Project, StandInGitLab};
+use crate::support::gitlab::{Agent, Mode, Project, StandInGitLab, Version};
+use crate::support::wire;
 use crate::support::{TestApp, TestDb};
 
 const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
 const API_TOKEN: &str = "glpat-standin-config-reader";
 const TOKEN: &str = "glagent-from-gitlab-valid-token";
 const REVOKED: &str = "glagent-from-gitlab-revoked";
+/// A token as an instance with a token prefix issues it: passed to GitLab as it is.
+const PREFIXED: &str = "inst42-glagent-prefixed-by-the-instance_Xy9";
+const THIRD: &str = "glagent-third-agent-token";
+const HEAD: &str = "1111111111111111111111111111111111111111";
 const QUIET: Duration = Duration::from_millis(700);
 const SOON: Duration = Duration::from_secs(10);
+const LEGACY_PATH: &str = "/api/v4/internal/kubernetes/agent_info";
+const AGENTK_PATH: &str = "/api/v4/internal/agents/agentk/agent_info";
 
-/// A stand-in with one agent ("deployer", config project team/config, id 100) and the four kinds
-/// of project, and kas pointed at it.
-async fn setup(db: &TestDb, cache_ttl: &str) -> (StandInGitLab, TestApp) {
-    let gitlab = StandInGitLab::start(SECRET, API_TOKEN).await;
-    {
-        let mut w = gitlab.state.world.lock().unwrap();
-        let agent = Agent {
-            id: 7,
-            name: "deployer".into(),
-            project_id: 100,
-            project_path: "team/config".into(),
-            revoked: false,
-        };
-        w.agents.insert(TOKEN.into(), agent.clone());
-        w.agents.insert(REVOKED.into(), Agent { revoked: true, ..agent });
-        for (path, id, visibility, everyone) in [
-            ("team/config", 100, "private", true),
-            ("team/public", 101, "public", true),
-            ("team/public-members", 102, "public", false),
-            ("team/internal", 103, "internal", true),
-            ("team/private", 104, "private", true),
-        ] {
-            w.projects.insert(path.into(), Project { id, visibility, repository_for_everyone: everyone });
-        }
-        w.heads.insert((100, "main".into()), "1111111111111111111111111111111111111111".into());
-        w.files.insert(
-            (100, "1111111111111111111111111111111111111111".into(), ".gitlab/agents/deployer/config.yaml".into()),
-            "flux:\n  webhook_receiver_url: http://receiver/one\n".into(),
-        );
+/// One agent ("deployer", config project team/config, id 100) with a revoked token, two more
+/// agents of the same project, the four kinds of project, and a configuration file.
+fn populate(gitlab: &StandInGitLab) {
+    let mut w = gitlab.state.world.lock().unwrap();
+    let agent =
+        Agent { id: 7, name: "deployer".into(), project_id: 100, project_path: "team/config".into(), revoked: false };
+    w.agents.insert(TOKEN.into(), agent.clone());
+    w.agents.insert(REVOKED.into(), Agent { revoked: true, ..agent.clone() });
+    w.agents.insert(PREFIXED.into(), Agent { id: 8, name: "second".into(), ..agent.clone() });
+    w.agents.insert(THIRD.into(), Agent { id: 9, name: "third".into(), ..agent });
+    for (path, id, visibility, everyone) in [
+        ("team/config", 100, "private", true),
+        ("team/public", 101, "public", true),
+        ("team/public-members", 102, "public", false),
+        ("team/internal", 103, "internal", true),
+        ("team/private", 104, "private", true),
+    ] {
+        w.projects.insert(path.into(), Project { id, visibility, repository_for_everyone: everyone });
     }
+    w.heads.insert((100, "main".into()), HEAD.into());
+    w.files.insert(
+        (100, HEAD.into(), ".gitlab/agents/deployer/config.yaml".into()),
+        "flux:\n  webhook_receiver_url: http://receiver/one\n".into(),
+    );
+}
+
+/// kas in GitLab mode against `url`.
+async fn kas_for(db: &TestDb, url: String, cache_ttl: &str, tweak: impl FnOnce(&mut kas::config::Settings)) -> TestApp {
     let secret_file = crate::intake::write_gitlab_secret(db);
     let api_token_file = db.data_dir().join("api-token");
     std::fs::write(&api_token_file, API_TOKEN).unwrap();
-    let (url, ttl) = (gitlab.url(), cache_ttl.to_owned());
-    let app = TestApp::spawn(db, move |s| {
+    let ttl = cache_ttl.to_owned();
+    TestApp::spawn(db, move |s| {
         s.gitlab_url = Some(url);
         s.gitlab_secret_file = Some(secret_file);
         s.gitlab_api_token_file = Some(api_token_file.display().to_string());
         s.gitlab_cache_ttl = Some(ttl);
         s.token_recheck = Some("200ms".into());
+        tweak(s);
     })
-    .await;
+    .await
+}
+
+/// A stand-in GitLab 18 with the world above, and kas pointed at it.
+async fn setup(db: &TestDb, cache_ttl: &str) -> (StandInGitLab, TestApp) {
+    setup_version(db, cache_ttl, Version::V18).await
+}
+
+async fn setup_version(db: &TestDb, cache_ttl: &str, version: Version) -> (StandInGitLab, TestApp) {
+    let gitlab = StandInGitLab::start_version(SECRET, API_TOKEN, version).await;
+    populate(&gitlab);
+    let app = kas_for(db, gitlab.url(), cache_ttl, |_| {}).await;
     (gitlab, app)
+}
+
+/// Each GitLab version reads the agent token from its own header and serves `agent_info` on its
+/// own path; kas satisfies every one, asks the path that worked last, and never rejects a token
+/// for its shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_gitlab_version_gets_the_token_where_it_reads_it() {
+    for version in [Version::V16, Version::V17, Version::V18, Version::Newest] {
+        let db = TestDb::sqlite();
+        let (gitlab, app) = setup_version(&db, "5m", version).await;
+        let agent = TestAgent::connect(app.agent, TOKEN).await;
+        let mut stream =
+            agent.open(&["team/public", "team/private"]).await.unwrap_or_else(|e| panic!("{version:?}: {e}"));
+        assert_eq!(app.push(101, "team/public", 20).await.status(), 202);
+        assert_eq!(app.push(104, "team/private", 0).await.status(), 202);
+        assert_eq!(drain(&mut stream, QUIET).await, ["team/public"], "{version:?}");
+        assert_eq!(
+            gitlab.calls_with("verify_project_access", TOKEN).len(),
+            2,
+            "{version:?}: verify_project_access carried the token where this version reads it"
+        );
+        let second = TestAgent::connect(app.agent, PREFIXED).await;
+        second.open(&["team/config"]).await.unwrap_or_else(|e| panic!("{version:?}: {e}"));
+        let expected = match version {
+            // The new path first (404), then the old one, remembered for the next token.
+            Version::V16 | Version::V17 => vec![AGENTK_PATH, LEGACY_PATH, LEGACY_PATH],
+            Version::V18 | Version::Newest => vec![AGENTK_PATH, AGENTK_PATH],
+        };
+        assert_eq!(gitlab.paths("agent_info"), expected, "{version:?}");
+        app.stop().await;
+    }
+}
+
+/// GitLab upgraded under a running kas (the old path gone): the remembered path answers 404, kas
+/// asks the other one and remembers that instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gitlab_upgrade_under_kas_is_followed() {
+    let db = TestDb::sqlite();
+    let (gitlab, app) = setup_version(&db, "5m", Version::V16).await;
+    TestAgent::connect(app.agent, TOKEN).await.open(&["team/config"]).await.unwrap();
+    gitlab.set_version(Version::Newest);
+    TestAgent::connect(app.agent, PREFIXED).await.open(&["team/config"]).await.unwrap();
+    TestAgent::connect(app.agent, THIRD).await.open(&["team/config"]).await.unwrap();
+    assert_eq!(gitlab.paths("agent_info"), [AGENTK_PATH, LEGACY_PATH, LEGACY_PATH, AGENTK_PATH, AGENTK_PATH]);
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,4 +339,150 @@ fn gitlab_mode_needs_the_shared_secret() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("KAS_GITLAB_SECRET_FILE"));
+}
+
+/// GitLab's "Connect a cluster" list in this mode: the agents with a configuration file on the
+/// project's default branch, read from the repository tree (several pages of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_files_come_from_the_repository_tree() {
+    let db = TestDb::sqlite();
+    let (gitlab, app) = setup(&db, "5m").await;
+    let mut expected = vec!["deployer".to_owned()];
+    {
+        let mut w = gitlab.state.world.lock().unwrap();
+        let mut add = |path: String| w.files.insert((100, HEAD.into(), path), "{}\n".into());
+        for i in 0..150 {
+            expected.push(format!("agent-{i:03}"));
+            add(format!(".gitlab/agents/agent-{i:03}/config.yaml"));
+        }
+        // Not an agent's configuration file.
+        for path in [
+            ".gitlab/agents/Not_A_Name/config.yaml",
+            ".gitlab/agents/deployer/notes.md",
+            ".gitlab/agents/nested/deeper/config.yaml",
+            ".gitlab/agents/config.yaml",
+            "README.md",
+        ] {
+            add(path.into());
+        }
+    }
+    expected.sort();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", app.api)).unwrap().connect().await.unwrap();
+    let list = |path: &str| {
+        let jwt = crate::intake::gitlab_jwt(SECRET, "gitlab-kas", 60);
+        let request = wire::as_rails(&jwt, wire::list_config_files_request(100, path));
+        let channel = channel.clone();
+        async move {
+            wire::unary::<_, wire::ListAgentConfigFilesResponse>(
+                &channel,
+                wire::LIST_AGENT_CONFIG_FILES,
+                request,
+                false,
+            )
+            .await
+        }
+    };
+    let files = list("team/config").await.unwrap().config_files;
+    let mut names: Vec<String> = files.iter().map(|f| f.agent_name.clone()).collect();
+    names.sort();
+    assert_eq!(names, expected);
+    assert!(files.iter().all(|f| f.name == format!(".gitlab/agents/{}/config.yaml", f.agent_name)));
+    assert!(gitlab.calls("tree") >= 4, "several pages read");
+    assert!(list("team/public").await.unwrap().config_files.is_empty(), "a project without .gitlab/agents");
+    gitlab.set_mode(Mode::Down);
+    assert_eq!(list("team/config").await.unwrap_err().code(), tonic::Code::Unavailable);
+    app.stop().await;
+}
+
+/// The seed's service-proxy Receiver URL in the repository's file reaches agentk unchanged, and
+/// the configuration stream stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_proxy_receiver_url_reaches_the_agent() {
+    const URL: &str = "/api/v1/namespaces/flux-system/services/http:webhook-receiver:80/proxy";
+    let db = TestDb::sqlite();
+    let (gitlab, app) = setup(&db, "5m").await;
+    gitlab.state.world.lock().unwrap().files.insert(
+        (100, HEAD.into(), ".gitlab/agents/deployer/config.yaml".into()),
+        format!("flux:\n  webhook_receiver_url: {URL}\n"),
+    );
+    let (channel, _) = crate::support::agentk::connect(app.agent, crate::support::agentk::Transport::Plain).await;
+    let mut stream = crate::agentk::get_configuration(&channel, TOKEN, "").await;
+    let first = crate::agentk::next_config(&mut stream, SOON).await.expect("configuration sent");
+    assert_eq!(first.configuration.unwrap().flux.unwrap().webhook_receiver_url, URL);
+    assert!(crate::agentk::next_config(&mut stream, QUIET).await.is_none(), "stream stays open");
+    app.stop().await;
+}
+
+/// GitLab over https with a certificate from a private CA: trusted with KAS_GITLAB_CA_FILE,
+/// refused (and nobody let in) without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_ca_for_gitlab() {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "kas test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
+    let gitlab = StandInGitLab::start_tls(SECRET, API_TOKEN, &cert.pem(), &key.serialize_pem()).await;
+    populate(&gitlab);
+
+    let db = TestDb::sqlite();
+    let ca_file = db.data_dir().join("gitlab-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let trusting = kas_for(&db, gitlab.url(), "5m", |s| s.gitlab_ca_file = Some(ca_file.display().to_string())).await;
+    let agent = TestAgent::connect(trusting.agent, TOKEN).await;
+    let mut stream = agent.open(&["team/public"]).await.expect("GitLab's certificate is trusted");
+    trusting.push(101, "team/public", 20).await;
+    assert_eq!(next_project(&mut stream, SOON).await.as_deref(), Some("team/public"));
+    trusting.stop().await;
+
+    let other = TestDb::sqlite();
+    let untrusting = kas_for(&other, gitlab.url(), "5m", |_| {}).await;
+    let agent = TestAgent::connect(untrusting.agent, TOKEN).await;
+    assert_eq!(agent.open(&["team/public"]).await.unwrap_err().code(), tonic::Code::Unavailable);
+    untrusting.stop().await;
+}
+
+/// A CA file that holds no certificate stops the start, naming the setting.
+#[test]
+fn a_bad_gitlab_ca_file_stops_the_start() {
+    let db = TestDb::sqlite();
+    let secret = crate::intake::write_gitlab_secret(&db);
+    let bad = db.data_dir().join("not-a-ca.pem");
+    std::fs::write(&bad, "this is not PEM\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--agent-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0"])
+        .env("KAS_DATA_DIR", db.data_dir())
+        .env("KAS_GITLAB_URL", "https://127.0.0.1:9")
+        .env("KAS_GITLAB_SECRET_FILE", secret)
+        .env("KAS_GITLAB_CA_FILE", &bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("KAS_GITLAB_CA_FILE"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A user:password in KAS_GITLAB_URL never reaches the logs, and is not sent to GitLab (GitLab 18
+/// refuses any `Authorization` on its agentk path, so the agent would be refused otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gitlab_url_credentials_are_neither_logged_nor_sent() {
+    let db = TestDb::sqlite();
+    let gitlab = StandInGitLab::start(SECRET, API_TOKEN).await;
+    populate(&gitlab);
+    let url = format!("http://kas-reader:hunter2-s3cret@{}", gitlab.addr);
+    let replica = crate::support::process::ProcessReplica::spawn(
+        &db,
+        &[("KAS_GITLAB_URL", url), ("KAS_GITLAB_SECRET_FILE", crate::intake::write_gitlab_secret(&db))],
+    );
+    let agent = TestAgent::connect(replica.agent, TOKEN).await;
+    agent.open(&["team/config"]).await.expect("accepted: no Authorization sent on the agentk path");
+    let logs = replica.logs.lock().unwrap().join("\n");
+    assert!(!logs.contains("hunter2"), "{logs}");
+    assert!(logs.contains(&format!("http://{}", gitlab.addr)), "the URL is logged without credentials: {logs}");
 }

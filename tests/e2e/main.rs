@@ -8,6 +8,7 @@ mod crash;
 mod gitlab_mode;
 mod intake;
 mod limits;
+mod rails;
 mod replicas;
 mod security;
 mod server;

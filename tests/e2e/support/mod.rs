@@ -8,6 +8,7 @@ pub mod db;
 pub mod gitlab;
 pub mod process;
 pub mod redis;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

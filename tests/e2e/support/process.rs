@@ -10,6 +10,8 @@ use super::TestDb;
 pub struct ProcessReplica {
     pub http: SocketAddr,
     pub agent: SocketAddr,
+    /// Every log line so far (JSON).
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     child: Child,
 }
 
@@ -29,16 +31,23 @@ impl ProcessReplica {
         }
         let mut child = cmd.spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (http, agent) = loop {
             let line = lines.next().expect("replica logs before exiting").unwrap();
+            logs.lock().unwrap().push(line.clone());
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if v["message"] == "kas is serving" {
                 break (v["http"].as_str().unwrap().parse().unwrap(), v["agent"].as_str().unwrap().parse().unwrap());
             }
         };
         // Keep draining the logs so the replica never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-        ProcessReplica { http, agent, child }
+        let kept = logs.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                kept.lock().unwrap().push(line);
+            }
+        });
+        ProcessReplica { http, agent, logs, child }
     }
 
     /// SIGKILL: no drain, no goodbye, as a crash.
