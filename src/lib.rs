@@ -18,6 +18,7 @@ pub mod engine;
 pub mod gitlab;
 pub mod gitlab_jwt;
 pub mod grpc;
+pub mod handshake;
 pub mod http;
 pub mod identity;
 pub mod intake;
