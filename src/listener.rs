@@ -211,8 +211,8 @@ pub fn spawn<M, S, B>(
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 // Closing at once (rather than leaving the connection in the accept queue)
                 // frees the descriptor and tells the client to go elsewhere.
-                drop(stream);
                 settings.metrics.refused.inc();
+                drop(stream);
                 if last_warning.is_none_or(|t| t.elapsed() >= REFUSAL_WARNING_EVERY) {
                     last_warning = Some(Instant::now());
                     tracing::warn!(

@@ -5,6 +5,7 @@ mod support;
 mod agentk;
 mod cli;
 mod gitlab_mode;
+mod hostile;
 mod intake;
 mod replicas;
 mod server;
