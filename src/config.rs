@@ -166,6 +166,16 @@ settings! {
     gitlab_cache_ttl => "KAS_GITLAB_CACHE_TTL",
     /// PEM file with the CA certificate(s) of GitLab's https:// URL, trusted besides the public roots
     gitlab_ca_file => "KAS_GITLAB_CA_FILE",
+    /// Connections that have not finished their handshake by then are closed [default: 10s]
+    handshake_timeout => "KAS_HANDSHAKE_TIMEOUT",
+    /// Idle HTTP/1.1 keep-alive connections are closed after this [default: 60s]
+    http_idle_timeout => "KAS_HTTP_IDLE_TIMEOUT",
+    /// Most connections the HTTP listener holds at once; more are closed at once [default: 4096]
+    max_connections_http => "KAS_MAX_CONNECTIONS_HTTP",
+    /// Most connections the agent listener holds at once; more are closed at once [default: 20000]
+    max_connections_agent => "KAS_MAX_CONNECTIONS_AGENT",
+    /// Most connections the GitLab-facing listener holds at once; more are closed at once [default: 2048]
+    max_connections_api => "KAS_MAX_CONNECTIONS_API",
 }
 
 /// The settings the registry commands need: where the database is.
@@ -248,6 +258,32 @@ pub struct Config {
     pub gitlab_cache_ttl: Duration,
     /// Extra CA certificates (PEM) for GitLab's URL (GitLab-backed mode).
     pub gitlab_ca_file: Option<PathBuf>,
+    /// Time a new connection has to complete its handshake.
+    pub handshake_timeout: Duration,
+    /// Idle time after which an HTTP/1.1 keep-alive connection is closed.
+    pub http_idle_timeout: Duration,
+    /// Connection caps of the three listeners.
+    pub max_connections: MaxConnections,
+}
+
+/// How many connections each listener holds at once. The defaults fit 10,000 agents: every
+/// agent holds one connection, and twice that covers the overlap while agents move between
+/// replicas (maximum age, a replica going away).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxConnections {
+    /// Webhooks, health and metrics.
+    pub http: usize,
+    /// Agents (gRPC and gRPC over WebSocket).
+    pub agent: usize,
+    /// GitLab's gRPC calls.
+    pub api: usize,
+}
+
+impl MaxConnections {
+    /// All three together: what the open-file limit must allow besides kas's own files.
+    pub fn total(&self) -> usize {
+        self.http + self.agent + self.api
+    }
 }
 
 impl Settings {
@@ -310,20 +346,16 @@ impl Settings {
             gitlab_api_token_file: s.gitlab_api_token_file.map(PathBuf::from),
             gitlab_cache_ttl: parse_duration_setting("gitlab_cache_ttl", s.gitlab_cache_ttl.as_deref(), "5m")?,
             gitlab_ca_file: s.gitlab_ca_file.map(PathBuf::from),
+            handshake_timeout: parse_duration_setting("handshake_timeout", s.handshake_timeout.as_deref(), "10s")?,
+            http_idle_timeout: parse_duration_setting("http_idle_timeout", s.http_idle_timeout.as_deref(), "60s")?,
+            max_connections: MaxConnections {
+                http: parse_count("max_connections_http", s.max_connections_http.as_deref(), 4096)?,
+                agent: parse_count("max_connections_agent", s.max_connections_agent.as_deref(), 20_000)?,
+                api: parse_count("max_connections_api", s.max_connections_api.as_deref(), 2048)?,
+            },
         };
         config.check_consistency()?;
         Ok(config)
-    }
-}
-
-/// A positive whole number, or `default` when unset.
-fn parse_count(field: &str, raw: Option<&str>, default: usize) -> Result<usize, ConfigError> {
-    match raw {
-        None => Ok(default),
-        Some(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(invalid(field, format!("{v:?} is not a positive whole number"))),
-        },
     }
 }
 
@@ -443,6 +475,16 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     n.checked_mul(ms_per_unit).map(Duration::from_millis).ok_or_else(|| "too large".to_owned())
 }
 
+/// A count of at least 1 and at most a million (more connections than that on one replica is
+/// a typo, not a plan).
+fn parse_count(field: &str, raw: Option<&str>, default: usize) -> Result<usize, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    match raw.trim().parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err(invalid(field, format!("{raw:?} is not a number between 1 and 1000000"))),
+    }
+}
+
 fn parse_size(field: &str, raw: &str) -> Result<usize, ConfigError> {
     let t = raw.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -511,6 +553,9 @@ mod tests {
         assert_eq!(c.redis_prefix, "kas");
         assert!(c.redis_url.is_none());
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_connections, MaxConnections { http: 4096, agent: 20_000, api: 2048 });
     }
 
     #[test]
@@ -541,6 +586,10 @@ mod tests {
             ("event_retention", "10m", "KAS_EVENT_RETENTION"),
             ("gitlab_cache_ttl", "8m", "KAS_GITLAB_CACHE_TTL"),
             ("credential_grace", "soon", "KAS_CREDENTIAL_GRACE"),
+            ("handshake_timeout", "0s", "--handshake-timeout (KAS_HANDSHAKE_TIMEOUT)"),
+            ("max_connections_agent", "0", "--max-connections-agent (KAS_MAX_CONNECTIONS_AGENT)"),
+            ("max_connections_http", "lots", "KAS_MAX_CONNECTIONS_HTTP"),
+            ("max_connections_api", "2000000", "KAS_MAX_CONNECTIONS_API"),
         ] {
             let err = settings(&[(key, value)]).resolve().unwrap_err().to_string();
             assert!(err.contains(needle), "{key}={value}: {err}");

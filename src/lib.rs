@@ -19,6 +19,7 @@ pub mod files;
 pub mod gitlab;
 pub mod gitlab_jwt;
 pub mod grpc;
+pub mod handshake;
 pub mod http;
 pub mod identity;
 pub mod intake;

@@ -1,6 +1,13 @@
-//! The accept loop shared by all three listeners: optional TLS, HTTP/1.1 and HTTP/2 on the
-//! same port, graceful drain at shutdown and, for agent connections, a maximum age after
-//! which the connection is asked to go away so agents spread over the replicas again.
+//! The accept loop shared by all three listeners: a cap on open connections, a handshake
+//! deadline, optional TLS, HTTP/1.1 and HTTP/2 on the same port, graceful drain at shutdown
+//! and, for agent connections, a maximum age after which the connection is asked to go away so
+//! agents spread over the replicas again.
+//!
+//! Every limit that protects kas from a client that has not authenticated lives here (or, for
+//! gRPC over WebSocket, in `websocket`): a connection over its listener's cap is closed at once;
+//! one that has not completed its handshake (TLS, a request head or the HTTP/2 preface and
+//! SETTINGS, and for WebSocket the upgrade and the first HTTP/2 frame) by the handshake deadline
+//! is closed; request heads and HTTP/2 header lists and frames are bounded.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -8,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -16,17 +24,28 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
 
-/// How long a client may take to finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::handshake::{self, Expect, Rewound};
+use crate::metrics::ListenerMetrics;
+
 /// Gap between GOAWAY and ending the connection's long streams, so the client learns not to
 /// open new streams here before it sees its streams end.
 const GOAWAY_HEAD_START: Duration = Duration::from_millis(200);
+/// Largest decoded HTTP/2 header list (RFC 7541 sizes: name + value + 32 per field), on every
+/// listener and through WebSocket: h2's own default, far above what gRPC sends.
+pub const HTTP2_MAX_HEADER_LIST: usize = 16 << 10;
+/// Largest HTTP/2 frame accepted: the protocol's default, which we never raise.
+pub const HTTP2_MAX_FRAME: usize = handshake::MAX_FRAME_SIZE;
+/// At most one "connection limit reached" warning per listener this often.
+const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// What a listener serves: requests in, responses out, errors mapped to responses already.
 pub trait ConnectionService<B>:
@@ -67,6 +86,42 @@ pub struct ConnectionInfo {
     /// When the connection reaches its maximum age (jitter applied); `None` for no limit.
     /// Connections upgraded to WebSocket outlive the HTTP/1.1 exchange and honour it themselves.
     pub max_age_at: Option<tokio::time::Instant>,
+    /// By when what follows this request must have completed its handshake: for a WebSocket
+    /// upgrade, the first HTTP/2 frame through it. On the connection's first request this is
+    /// the connection's own deadline (accepted + handshake timeout); on later ones it is
+    /// counted from the request.
+    pub handshake_deadline: Instant,
+    /// Tasks that serve the connection beyond hyper's (a WebSocket after its upgrade) join
+    /// this tracker, so shutdown waits for them.
+    pub(crate) tracker: TaskTracker,
+    /// The connection's place under its listener's cap; freed when the last holder (the
+    /// connection's task, an upgraded WebSocket's task) drops it.
+    pub(crate) slot: Arc<Slot>,
+}
+
+/// One connection counted against its listener's cap and in its open-connections gauge.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    metrics: ListenerMetrics,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, metrics: ListenerMetrics) -> Self {
+        metrics.open.inc();
+        Self { _permit: permit, metrics }
+    }
+
+    /// Counts a connection closed before its handshake completed.
+    pub(crate) fn handshake_failed(&self) {
+        self.metrics.handshakes_failed.inc();
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.metrics.open.dec();
+    }
 }
 
 /// How one listener treats its connections.
@@ -78,6 +133,15 @@ pub struct ListenerSettings {
     pub tls: Option<TlsAcceptor>,
     /// Maximum connection age before jitter; `None` for no limit.
     pub max_age: Option<Duration>,
+    /// Most connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Time from accept to a completed handshake.
+    pub handshake_timeout: Duration,
+    /// Idle HTTP/1.1 keep-alive connections (and slow request heads after the first) are
+    /// closed after this.
+    pub http1_idle_timeout: Duration,
+    /// This listener's connection metrics.
+    pub metrics: ListenerMetrics,
 }
 
 /// Loads a PEM certificate chain and key into an acceptor that offers h2 and http/1.1.
@@ -119,11 +183,18 @@ pub fn spawn<M, S, B>(
         // Detects dead peers; agents ping every 55 s themselves and h2 never refuses pings.
         .keep_alive_interval(Duration::from_secs(60))
         .keep_alive_timeout(Duration::from_secs(20))
-        .max_concurrent_streams(1000);
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+        .max_concurrent_streams(1000)
+        .max_header_list_size(HTTP2_MAX_HEADER_LIST as u32)
+        .max_frame_size(HTTP2_MAX_FRAME as u32);
+    // The first request head was read before hyper saw the connection (see `handshake`); this
+    // bounds the wait for every later one, which is also how long an idle keep-alive
+    // connection stays open.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(settings.http1_idle_timeout);
     let make_service = Arc::new(make_service);
     let inner_tracker = tracker.clone();
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
     tracker.spawn(async move {
+        let mut last_warning: Option<Instant> = None;
         loop {
             let (stream, remote) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -137,10 +208,32 @@ pub fn spawn<M, S, B>(
                     }
                 },
             };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                // Closing at once (rather than leaving the connection in the accept queue)
+                // frees the descriptor and tells the client to go elsewhere.
+                settings.metrics.refused.inc();
+                drop(stream);
+                if last_warning.is_none_or(|t| t.elapsed() >= REFUSAL_WARNING_EVERY) {
+                    last_warning = Some(Instant::now());
+                    tracing::warn!(
+                        listener = settings.name,
+                        max = settings.max_connections,
+                        "connection limit reached: closing new connections"
+                    );
+                }
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let closing = shutdown.child_token();
-            let max_age_at = settings.max_age.map(|age| tokio::time::Instant::now() + jitter(age));
-            let info = ConnectionInfo { remote, closing: closing.clone(), max_age_at };
+            let now = Instant::now();
+            let info = ConnectionInfo {
+                remote,
+                closing: closing.clone(),
+                max_age_at: settings.max_age.map(|age| now + jitter(age)),
+                handshake_deadline: now + settings.handshake_timeout,
+                tracker: inner_tracker.clone(),
+                slot: Arc::new(Slot::new(permit, settings.metrics.clone())),
+            };
             let service = make_service(info.clone());
             let builder = builder.clone();
             let settings = settings.clone();
@@ -155,19 +248,42 @@ pub fn spawn<M, S, B>(
     });
 }
 
+/// Reads the connection's first request head or HTTP/2 preface by its handshake deadline;
+/// `None` (after counting and logging why) when it did not come.
+async fn hello<I: AsyncRead + Unpin>(
+    io: &mut I,
+    info: &ConnectionInfo,
+    settings: &ListenerSettings,
+) -> Option<bytes::Bytes> {
+    let why = match tokio::time::timeout_at(info.handshake_deadline, handshake::read_hello(io, Expect::Any)).await {
+        Ok(Ok(prefix)) => return Some(prefix),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "handshake timed out".to_owned(),
+    };
+    settings.metrics.handshakes_failed.inc();
+    tracing::debug!(listener = settings.name, remote = %info.remote, error = %why, "closing connection before its handshake completed");
+    None
+}
+
 /// Adds the connection's `ConnectionInfo` to every request.
 fn with_info<S: ConnectionService<B>, B>(
     service: S,
     info: ConnectionInfo,
+    handshake_timeout: Duration,
 ) -> TowerToHyperService<impl ConnectionService<B>> {
+    let later = Arc::new(AtomicBool::new(false));
     TowerToHyperService::new(tower::service_fn(move |mut req: http::Request<Incoming>| {
-        req.extensions_mut().insert(info.clone());
+        let mut info = info.clone();
+        if later.swap(true, Ordering::Relaxed) {
+            info.handshake_deadline = Instant::now() + handshake_timeout;
+        }
+        req.extensions_mut().insert(info);
         service.clone().oneshot(req)
     }))
 }
 
 async fn serve_plain<S, B>(
-    stream: TcpStream,
+    mut stream: TcpStream,
     info: ConnectionInfo,
     settings: ListenerSettings,
     builder: auto::Builder<TokioExecutor>,
@@ -176,8 +292,8 @@ async fn serve_plain<S, B>(
     S: ConnectionService<B>,
     B: ResponseBody,
 {
-    let service = with_info(service, info.clone());
-    drive(builder.serve_connection_with_upgrades(TokioIo::new(stream), service), &info, &settings).await
+    let Some(prefix) = hello(&mut stream, &info, &settings).await else { return };
+    serve_http(Rewound::new(prefix, stream), info, settings, builder, service).await
 }
 
 async fn serve_tls<S, B>(
@@ -191,19 +307,37 @@ async fn serve_tls<S, B>(
     S: ConnectionService<B>,
     B: ResponseBody,
 {
-    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+    let mut tls = match tokio::time::timeout_at(info.handshake_deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
+            settings.metrics.handshakes_failed.inc();
             tracing::debug!(listener = settings.name, remote = %info.remote, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
+            settings.metrics.handshakes_failed.inc();
             tracing::debug!(listener = settings.name, remote = %info.remote, "TLS handshake timed out");
             return;
         }
     };
-    let service = with_info(service, info.clone());
-    drive(builder.serve_connection_with_upgrades(TokioIo::new(tls), service), &info, &settings).await
+    let Some(prefix) = hello(&mut tls, &info, &settings).await else { return };
+    serve_http(Rewound::new(prefix, tls), info, settings, builder, service).await
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (hyper tells which from the bytes `hello` read) on a connection.
+async fn serve_http<I, S, B>(
+    io: I,
+    info: ConnectionInfo,
+    settings: ListenerSettings,
+    builder: auto::Builder<TokioExecutor>,
+    service: S,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ConnectionService<B>,
+    B: ResponseBody,
+{
+    let service = with_info(service, info.clone(), settings.handshake_timeout);
+    drive(builder.serve_connection_with_upgrades(TokioIo::new(io), service), &info, &settings).await
 }
 
 async fn drive<I, S, B>(
@@ -265,6 +399,39 @@ pub(crate) async fn hold_open<F, O, E>(
         _ = end_streams => {}
     }
 }
+
+/// Descriptors kas needs besides its connections: database and Redis pools, files, spare.
+const OTHER_FILES: u64 = 1024;
+
+/// Raises the soft open-file limit to the hard one, since every connection costs a descriptor
+/// and distributions default the soft limit to 1024, and logs both. Warns when even that leaves
+/// no room for `connections` (the listeners' caps together) and kas's other files.
+#[cfg(unix)]
+pub fn raise_open_file_limit(connections: usize) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |v| v.to_string());
+    let before = getrlimit(Resource::Nofile);
+    if before.current != before.maximum {
+        let raised = rustix::process::Rlimit { current: before.maximum, maximum: before.maximum };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(soft = %show(before.current), hard = %show(before.maximum), error = %e, "cannot raise the open-file limit");
+        }
+    }
+    let now = getrlimit(Resource::Nofile);
+    tracing::info!(soft = %show(now.current), hard = %show(now.maximum), was = %show(before.current), "open-file limit");
+    let needed = connections as u64 + OTHER_FILES;
+    if now.current.is_some_and(|soft| soft < needed) {
+        tracing::warn!(
+            soft = %show(now.current),
+            needed,
+            "the open-file limit is below the listeners' connection caps: raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower KAS_MAX_CONNECTIONS_*"
+        );
+    }
+}
+
+/// Raises the soft open-file limit to the hard one (nothing to do on this platform).
+#[cfg(not(unix))]
+pub fn raise_open_file_limit(_connections: usize) {}
 
 /// ±10% so that connections opened together do not all expire together.
 fn jitter(age: Duration) -> Duration {

@@ -75,6 +75,23 @@ pub struct Metrics {
     pub engine_forgeries: Counter,
     /// Calls to GitLab by call and result.
     pub gitlab_calls: Family<CallLabel, Counter>,
+    /// Open connections by listener.
+    pub connections_open: Family<NameLabel, Gauge>,
+    /// Connections closed at once because their listener was at its cap, by listener.
+    pub connections_refused: Family<NameLabel, Counter>,
+    /// Connections closed before completing their handshake (timeout or malformed), by listener.
+    pub handshakes_failed: Family<NameLabel, Counter>,
+}
+
+/// The connection metrics of one listener.
+#[derive(Clone, Debug, Default)]
+pub struct ListenerMetrics {
+    /// Open connections.
+    pub open: Gauge,
+    /// Connections refused over the cap.
+    pub refused: Counter,
+    /// Connections that did not complete their handshake.
+    pub handshakes_failed: Counter,
 }
 
 impl Default for Metrics {
@@ -110,6 +127,9 @@ impl Metrics {
             access_check_failures: Counter::default(),
             engine_forgeries: Counter::default(),
             gitlab_calls: Family::default(),
+            connections_open: Family::default(),
+            connections_refused: Family::default(),
+            handshakes_failed: Family::default(),
             registry: Registry::default(),
         };
         registry.register("webhooks", "Webhook requests by result", m.webhooks.clone());
@@ -169,6 +189,17 @@ impl Metrics {
             m.engine_forgeries.clone(),
         );
         registry.register("gitlab_calls", "Calls to GitLab by call and result", m.gitlab_calls.clone());
+        registry.register("connections_open", "Open connections by listener", m.connections_open.clone());
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because the listener was at its cap",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "handshakes_failed",
+            "Connections closed before completing their handshake (timeout or malformed)",
+            m.handshakes_failed.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -195,6 +226,16 @@ impl Metrics {
     /// The open-stream gauge of one RPC.
     pub fn streams(&self, rpc: &'static str) -> Gauge {
         self.streams_open.get_or_create(&NameLabel { name: rpc }).clone()
+    }
+
+    /// The connection metrics of one listener.
+    pub fn listener(&self, name: &'static str) -> ListenerMetrics {
+        let label = NameLabel { name };
+        ListenerMetrics {
+            open: self.connections_open.get_or_create(&label).clone(),
+            refused: self.connections_refused.get_or_create(&label).clone(),
+            handshakes_failed: self.handshakes_failed.get_or_create(&label).clone(),
+        }
     }
 
     /// Prometheus text exposition of every metric.

@@ -174,14 +174,25 @@ pub async fn serve(
         shutdown: token.clone(),
         config,
     });
+    listener::raise_open_file_limit(app.config.max_connections.total());
     let connections = TaskTracker::new();
+    let settings =
+        |name: &'static str, max_connections: usize, max_age: Option<std::time::Duration>| ListenerSettings {
+            name,
+            tls: tls.clone(),
+            max_age,
+            max_connections,
+            handshake_timeout: app.config.handshake_timeout,
+            http1_idle_timeout: app.config.http_idle_timeout,
+            metrics: app.metrics.listener(name),
+        };
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let addrs = (addr(&listeners.http), addr(&listeners.agent), addr(&listeners.api));
 
     let http_router = crate::http::router(app.clone());
     listener::spawn(
         listeners.http,
-        ListenerSettings { name: "http", tls: tls.clone(), max_age: None },
+        settings("http", app.config.max_connections.http, None),
         move |_| http_router.clone(),
         token.clone(),
         connections.clone(),
@@ -189,7 +200,7 @@ pub async fn serve(
     let agent_routes = WithWebSocket::new(crate::grpc::agent_routes(app.clone()));
     listener::spawn(
         listeners.agent,
-        ListenerSettings { name: "agent", tls: tls.clone(), max_age: Some(app.config.max_connection_age) },
+        settings("agent", app.config.max_connections.agent, Some(app.config.max_connection_age)),
         move |_| agent_routes.clone(),
         token.clone(),
         connections.clone(),
@@ -197,7 +208,7 @@ pub async fn serve(
     let api_routes = crate::grpc::api_routes(app.clone());
     listener::spawn(
         listeners.api,
-        ListenerSettings { name: "api", tls, max_age: None },
+        settings("api", app.config.max_connections.api, None),
         move |_| api_routes.clone(),
         token.clone(),
         connections.clone(),

@@ -8,6 +8,12 @@
 //! client's dynamic table), lets a function fix the headers, and re-encodes them with its own
 //! HPACK encoder, whose table is the one the server's decoder follows. Every other frame passes
 //! through untouched, so flow control and ordering are unaffected.
+//!
+//! The rewriter runs before anyone has authenticated, so it holds what it is fed to
+//! [`Limits`]: no frame larger than the maximum frame size is waited for, a header block may
+//! span few CONTINUATION frames and few bytes, and decoding keeps no more than the maximum
+//! header list, counted as it decodes (a 4 KiB dynamic-table entry referenced thousands of
+//! times costs one byte per reference on the wire, and must not cost 4 KiB each here).
 
 use std::io;
 use std::pin::Pin;
@@ -16,6 +22,8 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, BytesMut};
 use loona_hpack::{Decoder, Encoder};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::listener::{HTTP2_MAX_FRAME, HTTP2_MAX_HEADER_LIST};
 
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
@@ -29,16 +37,44 @@ const FLAG_PRIORITY: u8 = 0x20;
 const MAX_FRAME_OUT: usize = 16_384;
 /// The default SETTINGS_HEADER_TABLE_SIZE, which both sides of each HPACK context use.
 const HEADER_TABLE_SIZE: usize = 4096;
-/// Largest header block accepted; hyper itself refuses far smaller header lists.
-const MAX_BLOCK: usize = 1 << 20;
+/// What RFC 7541 §4.1 adds to each field's name and value when sizing a header list.
+const FIELD_OVERHEAD: usize = 32;
 
 /// Decoded headers, as name and value bytes.
 pub type HeaderList = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// What one connection's header blocks may cost; past any bound the connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame payload (SETTINGS_MAX_FRAME_SIZE).
+    pub max_frame: usize,
+    /// Largest decoded header list, in RFC 7541 sizes (SETTINGS_MAX_HEADER_LIST_SIZE).
+    pub max_header_list: usize,
+    /// Largest encoded header block: a HEADERS fragment and its CONTINUATIONs together.
+    pub max_block: usize,
+    /// Most CONTINUATION frames after one HEADERS frame.
+    pub max_continuations: usize,
+}
+
+impl Default for Limits {
+    /// The limits of the plain listeners. An encoded block is never much larger than the list
+    /// it decodes to (each field costs 32 bytes in the list and a few on the wire), so twice
+    /// the list bounds every valid one; two frames carry it, and h2 allows at least five.
+    fn default() -> Self {
+        Self {
+            max_frame: HTTP2_MAX_FRAME,
+            max_header_list: HTTP2_MAX_HEADER_LIST,
+            max_block: 2 * HTTP2_MAX_HEADER_LIST,
+            max_continuations: 8,
+        }
+    }
+}
 
 struct Block {
     stream_id: u32,
     end_stream: bool,
     fragment: Vec<u8>,
+    continuations: usize,
 }
 
 /// Transforms the client-to-server bytes of an HTTP/2 connection, rewriting header blocks.
@@ -49,6 +85,7 @@ pub struct FrameRewriter<F> {
     decoder: Decoder<'static>,
     encoder: Encoder<'static>,
     rewrite: F,
+    limits: Limits,
 }
 
 fn protocol_error(what: impl Into<String>) -> io::Error {
@@ -56,8 +93,14 @@ fn protocol_error(what: impl Into<String>) -> io::Error {
 }
 
 impl<F: FnMut(&mut HeaderList)> FrameRewriter<F> {
-    /// A rewriter applying `rewrite` to every header block, starting at the client preface.
+    /// A rewriter applying `rewrite` to every header block, starting at the client preface,
+    /// within the plain listeners' [`Limits`].
     pub fn new(rewrite: F) -> Self {
+        Self::with_limits(rewrite, Limits::default())
+    }
+
+    /// A rewriter within other limits.
+    pub fn with_limits(rewrite: F, limits: Limits) -> Self {
         let mut decoder = Decoder::new();
         decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
         Self {
@@ -67,6 +110,7 @@ impl<F: FnMut(&mut HeaderList)> FrameRewriter<F> {
             decoder,
             encoder: Encoder::new(),
             rewrite,
+            limits,
         }
     }
 
@@ -88,6 +132,10 @@ impl<F: FnMut(&mut HeaderList)> FrameRewriter<F> {
         }
         while self.buf.len() >= FRAME_HEADER {
             let len = (usize::from(self.buf[0]) << 16) | (usize::from(self.buf[1]) << 8) | usize::from(self.buf[2]);
+            // Refused before its payload is waited for: the payload would be buffered here.
+            if len > self.limits.max_frame {
+                return Err(protocol_error("frame larger than the maximum frame size"));
+            }
             if self.buf.len() < FRAME_HEADER + len {
                 break;
             }
@@ -99,8 +147,15 @@ impl<F: FnMut(&mut HeaderList)> FrameRewriter<F> {
             match (kind, self.block.as_mut()) {
                 (TYPE_HEADERS, None) => {
                     let fragment = headers_fragment(flags, payload)?;
-                    let block =
-                        Block { stream_id, end_stream: flags & FLAG_END_STREAM != 0, fragment: fragment.to_vec() };
+                    if fragment.len() > self.limits.max_block {
+                        return Err(protocol_error("header block too large"));
+                    }
+                    let block = Block {
+                        stream_id,
+                        end_stream: flags & FLAG_END_STREAM != 0,
+                        fragment: fragment.to_vec(),
+                        continuations: 0,
+                    };
                     if flags & FLAG_END_HEADERS != 0 {
                         self.finish(block, out)?;
                     } else {
@@ -108,10 +163,14 @@ impl<F: FnMut(&mut HeaderList)> FrameRewriter<F> {
                     }
                 }
                 (TYPE_CONTINUATION, Some(block)) if block.stream_id == stream_id => {
-                    block.fragment.extend_from_slice(payload);
-                    if block.fragment.len() > MAX_BLOCK {
+                    block.continuations += 1;
+                    if block.continuations > self.limits.max_continuations {
+                        return Err(protocol_error("too many CONTINUATION frames"));
+                    }
+                    if block.fragment.len() + payload.len() > self.limits.max_block {
                         return Err(protocol_error("header block too large"));
                     }
+                    block.fragment.extend_from_slice(payload);
                     if flags & FLAG_END_HEADERS != 0 {
                         let block = self.block.take().expect("checked above");
                         self.finish(block, out)?;
@@ -124,8 +183,33 @@ impl<F: FnMut(&mut HeaderList)> FrameRewriter<F> {
         Ok(())
     }
 
+    /// Decodes a block, keeping at most the maximum header list. The decoder cannot be stopped
+    /// from its callback, so past the limit the callback keeps nothing: what the rest costs is
+    /// bounded by the encoded block, not by what it would expand to.
+    fn decode(&mut self, fragment: &[u8]) -> io::Result<HeaderList> {
+        let limit = self.limits.max_header_list;
+        let (mut headers, mut size, mut over) = (HeaderList::new(), 0usize, false);
+        self.decoder
+            .decode_with_cb(fragment, |name, value| {
+                if over {
+                    return;
+                }
+                size += name.len() + value.len() + FIELD_OVERHEAD;
+                if size > limit {
+                    over = true;
+                    return;
+                }
+                headers.push((name.into_owned(), value.into_owned()));
+            })
+            .map_err(|e| protocol_error(format!("HPACK: {e:?}")))?;
+        if over {
+            return Err(protocol_error(format!("header list larger than {limit} bytes")));
+        }
+        Ok(headers)
+    }
+
     fn finish(&mut self, block: Block, out: &mut Vec<u8>) -> io::Result<()> {
-        let mut headers = self.decoder.decode(&block.fragment).map_err(|e| protocol_error(format!("HPACK: {e:?}")))?;
+        let mut headers = self.decode(&block.fragment)?;
         (self.rewrite)(&mut headers);
         let encoded = self.encoder.encode(headers.iter().map(|(n, v)| (&n[..], &v[..])));
         let mut chunks = encoded.chunks(MAX_FRAME_OUT).peekable();
@@ -421,7 +505,8 @@ mod tests {
         let mut wire = PREFACE.to_vec();
         wire.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
         let mut out = Vec::new();
-        FrameRewriter::new(set_authority("a".into())).feed(&wire, &mut out).unwrap();
+        let roomy = Limits { max_frame: 1 << 16, max_header_list: 1 << 16, max_block: 1 << 16, max_continuations: 8 };
+        FrameRewriter::with_limits(set_authority("a".into()), roomy).feed(&wire, &mut out).unwrap();
         let blocks = server_view(&out);
         assert_eq!(authority_of(&blocks[0]), "a");
         assert_eq!(blocks[0].iter().find(|(n, _)| n == b"x-big").unwrap().1.len(), 40_000);
@@ -436,5 +521,55 @@ mod tests {
         assert_eq!(frames[0].0, TYPE_HEADERS);
         assert!(frames[1..].iter().all(|(kind, _)| *kind == TYPE_CONTINUATION));
         assert!(frames.iter().all(|(_, len)| *len <= MAX_FRAME_OUT));
+    }
+
+    /// A 4,000-byte dynamic-table entry, then `refs` one-byte references to it.
+    fn bomb(refs: usize) -> Vec<u8> {
+        let mut block = Encoder::new().encode(vec![(&b"x-bomb"[..], &[b'b'; 4000][..])]);
+        block.extend(std::iter::repeat_n(0x80 | 62, refs)); // indexed: the newest dynamic entry
+        block
+    }
+
+    #[test]
+    fn an_hpack_bomb_is_refused_once_the_decoded_list_passes_the_limit() {
+        let mut wire = PREFACE.to_vec();
+        wire.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &bomb(12_000)));
+        let mut out = Vec::new();
+        let err = FrameRewriter::new(fix_authority("x".into())).feed(&wire, &mut out).unwrap_err();
+        assert!(err.to_string().contains("header list larger than 16384"), "{err}");
+        // Three references (four fields of ~4 KiB) stay under 16 KiB and pass.
+        let mut wire = PREFACE.to_vec();
+        wire.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &bomb(3)));
+        let mut out = Vec::new();
+        FrameRewriter::new(fix_authority("x".into())).feed(&wire, &mut out).unwrap();
+        assert_eq!(server_view(&out)[0].len(), 4);
+        let mut wire = PREFACE.to_vec();
+        wire.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &bomb(4)));
+        assert!(FrameRewriter::new(fix_authority("x".into())).feed(&wire, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn frames_blocks_and_continuations_are_bounded() {
+        // A frame header announcing 1 MiB is refused before any of its payload arrives.
+        let mut wire = PREFACE.to_vec();
+        wire.extend_from_slice(&[0x10, 0, 0, TYPE_HEADERS, 0, 0, 0, 0, 1]);
+        let err = FrameRewriter::new(fix_authority("x".into())).feed(&wire, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("maximum frame size"), "{err}");
+        // Empty CONTINUATIONs cost nothing to send; there may be only a few.
+        let mut wire = PREFACE.to_vec();
+        wire.extend(frame(TYPE_HEADERS, 0, 1, &[0x82]));
+        for _ in 0..9 {
+            wire.extend(frame(TYPE_CONTINUATION, 0, 1, &[]));
+        }
+        let err = FrameRewriter::new(fix_authority("x".into())).feed(&wire, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("CONTINUATION"), "{err}");
+        // Full CONTINUATIONs: the block stops at twice the header list.
+        let mut wire = PREFACE.to_vec();
+        wire.extend(frame(TYPE_HEADERS, 0, 1, &[0x82]));
+        for _ in 0..3 {
+            wire.extend(frame(TYPE_CONTINUATION, 0, 1, &[0x82; 16_000]));
+        }
+        let err = FrameRewriter::new(fix_authority("x".into())).feed(&wire, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("header block too large"), "{err}");
     }
 }

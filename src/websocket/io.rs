@@ -10,8 +10,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Largest message sent or accepted, as agentk.
+/// Largest message sent, as agentk accepts (its read limit).
 pub const MAX_MESSAGE: usize = 10 << 20;
+/// Largest message kas accepts. agentk writes through gRPC-Go's 32 KiB write buffer, so its
+/// messages stay far below this; one unauthenticated connection cannot make kas hold more.
+pub const MAX_INCOMING_MESSAGE: usize = 1 << 20;
+/// The server's WebSocket read buffer.
+pub const READ_BUFFER: usize = 16 << 10;
 
 /// Reads the payloads of binary messages and writes bytes as binary messages. A text message
 /// is a protocol error; pings are answered by tungstenite; a close is the end of the stream.

@@ -3,6 +3,12 @@
 //! `ws-tunnel`, no extensions), then binary messages carrying a cleartext HTTP/2 connection
 //! (prior knowledge) served by the same gRPC services. agentk's `:authority` on that connection
 //! is not one `h2` accepts; see `authority`.
+//!
+//! Nobody has authenticated when the upgrade is answered (tokens travel inside the gRPC calls),
+//! so everything here is bounded as on the plain listeners: incoming WebSocket messages of at
+//! most [`io::MAX_INCOMING_MESSAGE`], the HTTP/2 preface and SETTINGS frame by the connection's
+//! handshake deadline, and HTTP/2 frames, header blocks and decoded header lists by the
+//! rewriter's [`authority::Limits`], which match hyper's on the plain listeners.
 
 pub mod authority;
 pub mod io;
@@ -23,7 +29,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tower::{Service, ServiceExt};
 
-use crate::listener::{ConnectionInfo, hold_open};
+use crate::handshake::{self, Expect, Rewound};
+use crate::listener::{ConnectionInfo, HTTP2_MAX_FRAME, HTTP2_MAX_HEADER_LIST, hold_open};
 
 /// The subprotocol agentk offers.
 pub const SUBPROTOCOL: &str = "ws-tunnel";
@@ -106,12 +113,9 @@ fn upgrade(mut request: Request<Incoming>, routes: axum::Router) -> Response<Bod
         return refuse(StatusCode::INTERNAL_SERVER_ERROR, "no connection information");
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => serve_http2(TokioIo::new(upgraded), routes, info, host).await,
-            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
-        }
-    });
+    // Joins the listener's tracker: the connection outlives this request, and shutdown waits
+    // for it as for any other connection.
+    info.tracker.clone().spawn(serve_http2(on_upgrade, routes, info, host));
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "Upgrade")
@@ -124,17 +128,41 @@ fn upgrade(mut request: Request<Incoming>, routes: axum::Router) -> Response<Bod
     response.body(Body::empty()).expect("valid response")
 }
 
-/// The WebSocket settings of both ends: binary messages of at most 10 MiB.
+/// agentk's WebSocket settings, for clients: binary messages of at most 10 MiB.
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default().max_message_size(Some(io::MAX_MESSAGE)).max_frame_size(Some(io::MAX_MESSAGE))
 }
 
-async fn serve_http2<S>(upgraded: S, routes: axum::Router, info: ConnectionInfo, host: String)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let ws = WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(websocket_config())).await;
-    let bytes = authority::RewriteReads::new(io::WsIo::new(ws), authority::fix_authority(host));
+/// The server's WebSocket settings: incoming messages of at most [`io::MAX_INCOMING_MESSAGE`]
+/// (tungstenite reserves a whole frame as soon as it has read the frame's length), and a read
+/// buffer sized for the 16 KiB HTTP/2 frames that travel inside rather than the 128 KiB default.
+fn server_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(io::MAX_INCOMING_MESSAGE))
+        .max_frame_size(Some(io::MAX_INCOMING_MESSAGE))
+        .read_buffer_size(io::READ_BUFFER)
+}
+
+/// Waits for the upgrade, then serves HTTP/2 over the WebSocket once the client preface and its
+/// SETTINGS frame have come through it, by the handshake deadline.
+async fn serve_http2(on_upgrade: hyper::upgrade::OnUpgrade, routes: axum::Router, info: ConnectionInfo, host: String) {
+    let opened = async {
+        let upgraded = on_upgrade.await.map_err(|e| format!("WebSocket upgrade failed: {e}"))?;
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(server_config())).await;
+        let mut ws = io::WsIo::new(ws);
+        let prefix = handshake::read_hello(&mut ws, Expect::Http2).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(Rewound::new(prefix, ws))
+    };
+    let ws = match tokio::time::timeout_at(info.handshake_deadline, opened).await {
+        Ok(Ok(ws)) => ws,
+        failed => {
+            let why = failed.map_or_else(|_| "handshake timed out".to_owned(), |r| r.err().unwrap_or_default());
+            info.slot.handshake_failed();
+            tracing::debug!(listener = "agent", remote = %info.remote, error = %why, "closing WebSocket before its HTTP/2 preface");
+            return;
+        }
+    };
+    let bytes = authority::RewriteReads::new(ws, authority::fix_authority(host));
     let conn_info = info.clone();
     let service = tower::service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(conn_info.clone());
@@ -145,6 +173,8 @@ where
         .keep_alive_interval(Duration::from_secs(60))
         .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(1000)
+        .max_header_list_size(HTTP2_MAX_HEADER_LIST as u32)
+        .max_frame_size(HTTP2_MAX_FRAME as u32)
         .serve_connection(TokioIo::new(bytes), TowerToHyperService::new(service));
     tokio::pin!(conn);
     hold_open(conn, &info, "agent (WebSocket)", |c| c.graceful_shutdown()).await;

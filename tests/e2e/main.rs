@@ -6,6 +6,7 @@ mod agentk;
 mod cli;
 mod crash;
 mod gitlab_mode;
+mod hostile;
 mod intake;
 mod limits;
 mod rails;
