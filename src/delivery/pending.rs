@@ -77,6 +77,12 @@ impl Pending {
     pub fn len(&self) -> usize {
         self.order.len()
     }
+
+    /// The waiting paths, oldest first.
+    #[cfg(test)]
+    pub fn paths(&self) -> Vec<Arc<str>> {
+        self.order.iter().cloned().collect()
+    }
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<ReconcileProjectsResponse
 
 /// Validates as agentk's server does: every project id must be non-empty. Ids are matched
 /// exactly against pushed full paths; one that is not a valid path simply never matches.
-fn validate(request: &ReconcileProjectsRequest) -> Result<Vec<String>, Status> {
+pub fn validate(request: &ReconcileProjectsRequest) -> Result<Vec<String>, Status> {
     if request.project.len() > MAX_PROJECTS {
         return Err(Status::invalid_argument(format!("at most {MAX_PROJECTS} projects per stream")));
     }

@@ -145,6 +145,12 @@ pub(crate) fn closing(app: &App, extensions: &http::Extensions) -> tokio_util::s
         .unwrap_or_else(|| app.shutdown.child_token())
 }
 
+/// The request checks the handlers run, public for the fuzz targets (`fuzz/`).
+pub mod validate {
+    pub use super::flux::validate as reconcile_projects;
+    pub use super::notifications::validate as git_push_event;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

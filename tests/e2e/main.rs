@@ -4,6 +4,7 @@ mod support;
 
 mod agentk;
 mod cli;
+mod fuzz_seeds;
 mod gitlab_mode;
 mod intake;
 mod replicas;
