@@ -1,5 +1,8 @@
 //! Fuzzes the WebSocket → HTTP/2 `:authority` rewriter with one connection's client bytes, as
-//! they come out of agentk's WebSocket. Nothing authenticates these bytes, so:
+//! they come out of agentk's WebSocket. An input starting with `P` is that byte stream as it is;
+//! any other input is a list of frame records (`type, flags, stream, length:2, payload`) that the
+//! target assembles after the preface, so that lengths always match and mutations land inside
+//! frames rather than breaking the framing. Nothing authenticates these bytes, so:
 //! - no panic, and the result does not depend on how the bytes were split into reads;
 //! - a header block whose decoded list is larger than `MAX_DECODED` is refused (an error ends the
 //!   connection), never expanded: a 4 KiB dynamic-table entry referenced once per input byte
@@ -147,7 +150,24 @@ fn rewrite(input: &[u8], chunk: usize) -> (Vec<u8>, bool) {
     (out, true)
 }
 
-fuzz_target!(|data: &[u8]| {
+/// The byte stream an input stands for: itself, or its frame records assembled.
+fn connection(data: &[u8]) -> Cow<'_, [u8]> {
+    if data.first() == Some(&b'P') {
+        return Cow::Borrowed(data);
+    }
+    let mut wire = PREFACE.to_vec();
+    let mut rest = data;
+    while let [kind, flags, stream, hi, lo, tail @ ..] = rest {
+        let len = (usize::from(*hi) << 8 | usize::from(*lo)).min(tail.len());
+        wire.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, *kind, *flags, 0, 0, 0, *stream]);
+        wire.extend_from_slice(&tail[..len]);
+        rest = &tail[len..];
+    }
+    Cow::Owned(wire)
+}
+
+fuzz_target!(|input: &[u8]| {
+    let data = &*connection(input);
     let (whole, whole_ok) = rewrite(data, 0);
     // Split into small reads: the split point must never matter.
     let chunk = usize::from(data.len() % 13) + 1;

@@ -99,7 +99,12 @@ mod properties {
     }
 
     fn visibility() -> impl Strategy<Value = Option<Visibility>> {
-        prop::sample::select(vec![None, Some(Visibility::Private), Some(Visibility::Internal), Some(Visibility::Public)])
+        prop::sample::select(vec![
+            None,
+            Some(Visibility::Private),
+            Some(Visibility::Internal),
+            Some(Visibility::Public),
+        ])
     }
 
     fn access() -> impl Strategy<Value = RepositoryAccess> {
@@ -119,15 +124,13 @@ mod properties {
     fn model(config_project: &str, pushed: &str, entry: Option<&ProjectInfo>) -> bool {
         let own = config_project.as_bytes() == pushed.as_bytes();
         let open_to_all = match entry {
-            Some(e) if e.path.as_str().as_bytes() == pushed.as_bytes() => {
-                match (e.visibility, e.repository_access) {
-                    (Some(Visibility::Public), RepositoryAccess::Everyone) => true,
-                    (Some(Visibility::Public), RepositoryAccess::Members) => false,
-                    (Some(Visibility::Internal), _) => false,
-                    (Some(Visibility::Private), _) => false,
-                    (None, _) => false,
-                }
-            }
+            Some(e) if e.path.as_str().as_bytes() == pushed.as_bytes() => match (e.visibility, e.repository_access) {
+                (Some(Visibility::Public), RepositoryAccess::Everyone) => true,
+                (Some(Visibility::Public), RepositoryAccess::Members) => false,
+                (Some(Visibility::Internal), _) => false,
+                (Some(Visibility::Private), _) => false,
+                (None, _) => false,
+            },
             // No entry, or one left from before a rename: unknown is private.
             _ => false,
         };

@@ -24,9 +24,7 @@ use kas::proto::flux::rpc::{Project, ReconcileProjectsRequest};
 use kas::proto::gitlab_access::rpc::{HttpRequest, RequestHeader, Values, http_request};
 use kas::proto::notifications::rpc::GitPushEventRequest;
 use kas::proto::reverse_tunnel::rpc::reverse_tunnel_client::ReverseTunnelClient;
-use kas::proto::reverse_tunnel::rpc::{
-    AgentDescriptor, ConnectRequest, Descriptor, Method, Service, connect_request,
-};
+use kas::proto::reverse_tunnel::rpc::{AgentDescriptor, ConnectRequest, Descriptor, Method, Service, connect_request};
 use kas::websocket::authority::{RewriteWrites, set_authority};
 use kas::websocket::io::WsIo;
 use kas::websocket::{SUBPROTOCOL, websocket_config};
@@ -52,6 +50,29 @@ fn seeds(target: &str) -> PathBuf {
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
     std::fs::write(seeds(target).join(name), bytes).unwrap();
+}
+
+/// A rewriter seed twice: the byte stream, and the frame records the target assembles into it
+/// (`type, flags, stream, length:2, payload` per frame, no preface).
+fn write_connection(name: &str, wire: &[u8]) {
+    write("authority_rewrite", name, wire);
+    let mut records = Vec::new();
+    let mut rest = wire.strip_prefix(PREFACE).expect("a client stream starts with the preface");
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]);
+        let Ok(stream) = u8::try_from(stream) else { break };
+        let Ok(short) = u16::try_from(len) else { break };
+        let Some(payload) = rest.get(9..9 + len) else { break };
+        let (kind, flags) = (rest[3], rest[4]);
+        rest = &rest[9 + len..];
+        // The last record runs to the end of the input, so bytes a mutation inserts stay in it.
+        let short = if rest.len() < 9 { u16::MAX } else { short };
+        records.extend_from_slice(&[kind, flags, stream]);
+        records.extend_from_slice(&short.to_be_bytes());
+        records.extend_from_slice(payload);
+    }
+    write("authority_rewrite", &format!("{name}.records"), &records);
 }
 
 /// Records every byte written through it.
@@ -95,7 +116,8 @@ async fn agentk_connection(addr: std::net::SocketAddr) -> (Channel, Arc<Mutex<Ve
             let mut request = "ws://gitlab.example.com/-/kubernetes-agent/".into_client_request()?;
             request.headers_mut().insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
             let (ws, _) = tokio_tungstenite::client_async_with_config(request, tcp, Some(websocket_config())).await?;
-            let io = RewriteWrites::new(Tap { inner: WsIo::new(ws), written: tap }, set_authority(AGENTK_AUTHORITY.into()));
+            let io =
+                RewriteWrites::new(Tap { inner: WsIo::new(ws), written: tap }, set_authority(AGENTK_AUTHORITY.into()));
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper_util::rt::TokioIo::new(io))
         }
     });
@@ -157,7 +179,8 @@ async fn agentk_sessions() {
     // The Flux path on one connection: configuration, registration, projects, tunnel.
     let (channel, written) = agentk_connection(app.agent).await;
     let mut config = AgentConfigurationClient::new(channel.clone()).send_compressed(CompressionEncoding::Gzip);
-    let request = ConfigurationRequest { commit_id: String::new(), agent_meta: Some(meta("agentk-0")), skip_register: true };
+    let request =
+        ConfigurationRequest { commit_id: String::new(), agent_meta: Some(meta("agentk-0")), skip_register: true };
     let mut stream = config.get_configuration(as_agent(&token, request)).await.unwrap().into_inner();
     stream.message().await.unwrap().expect("a configuration");
     let mut registrar = AgentRegistrarClient::new(channel.clone()).send_compressed(CompressionEncoding::Gzip);
@@ -169,20 +192,20 @@ async fn agentk_sessions() {
     let _reconcile = flux.reconcile_projects(as_agent(&token, request)).await.unwrap();
     let mut tunnel = ReverseTunnelClient::new(channel.clone()).send_compressed(CompressionEncoding::Gzip);
     let _tunnel = tunnel.connect(as_agent(&token, futures::stream::iter([descriptor()]))).await.unwrap();
-    write("authority_rewrite", "agentk-websocket-session", &settle(&written).await);
+    write_connection("agentk-websocket-session", &settle(&written).await);
 
     // One RPC per connection: smaller starting points.
     let (channel, written) = agentk_connection(app.agent).await;
     let mut flux = GitLabFluxClient::new(channel).send_compressed(CompressionEncoding::Gzip);
     let request = ReconcileProjectsRequest { project: vec![Project { id: "team/agent-config".into() }] };
     let _reconcile = flux.reconcile_projects(as_agent(&token, request)).await.unwrap();
-    write("authority_rewrite", "agentk-reconcile-projects", &settle(&written).await);
+    write_connection("agentk-reconcile-projects", &settle(&written).await);
 
     let (channel, written) = agentk_connection(app.agent).await;
     let mut registrar = AgentRegistrarClient::new(channel);
     let request = RegisterRequest { agent_meta: Some(meta("agentk-1")), pod_id: 7 };
     registrar.register(as_agent(&token, request)).await.unwrap();
-    write("authority_rewrite", "agentk-register-uncompressed", &settle(&written).await);
+    write_connection("agentk-register-uncompressed", &settle(&written).await);
     app.stop().await;
 }
 
@@ -230,7 +253,7 @@ fn rewriter_corners() {
     wire.extend(frame(0x9, 0x4, 3, b));
     wire.extend(frame(0x6, 0, 0, b"pingpong")); // PING
     wire.extend(frame(0x3, 0, 3, &[0, 0, 0, 8])); // RST_STREAM
-    write("authority_rewrite", "padding-priority-continuation", &wire);
+    write_connection("padding-priority-continuation", &wire);
 
     // A header larger than one frame, and a dynamic table size update.
     let mut encoder = Encoder::new();
@@ -245,7 +268,30 @@ fn rewriter_corners() {
     let mut resized = vec![0x3f, 0xe1, 0x0f]; // table size update to 2048
     resized.extend(encode(&mut Encoder::new(), &request_headers("kas")));
     wire.extend(frame(0x1, 0x5, 5, &resized));
-    write("authority_rewrite", "large-header-and-table-update", &wire);
+    write_connection("large-header-and-table-update", &wire);
+
+    // A 4,000-byte header indexed on the first request and referenced by the second (12 KB
+    // decoded, within every limit): one mutation away from the expansion below.
+    let big = |first: bool| {
+        if first {
+            // Last, so it is the newest entry (index 62) when the second block starts.
+            let mut b = encode(&mut Encoder::new(), &request_headers("kas"));
+            b.extend_from_slice(&[0x40, 0x05]);
+            b.extend_from_slice(b"x-big");
+            b.extend_from_slice(&[0x7f, 0xa1, 0x1e]);
+            b.extend(std::iter::repeat_n(b'a', 4000));
+            b
+        } else {
+            let mut b = vec![0xbe, 0xbe];
+            b.extend(encode(&mut Encoder::new(), &request_headers("kas")));
+            b
+        }
+    };
+    let mut wire = PREFACE.to_vec();
+    wire.extend(frame(0x4, 0, 0, &[]));
+    wire.extend(frame(0x1, 0x5, 1, &big(true)));
+    wire.extend(frame(0x1, 0x5, 3, &big(false)));
+    write_connection("indexed-large-header-reused", &wire);
 
     // The regression input: literal with incremental indexing (new name), a 4,000-byte value,
     // then index 62 (that entry) on every remaining byte of a 16 KiB frame: ~48 MB decoded.
@@ -257,7 +303,7 @@ fn rewriter_corners() {
     let mut wire = PREFACE.to_vec();
     wire.extend(frame(0x4, 0, 0, &[]));
     wire.extend(frame(0x1, 0x4, 1, &block));
-    write("authority_rewrite", "regression-hpack-expansion", &wire);
+    write_connection("regression-hpack-expansion", &wire);
 }
 
 /// The request messages agentk and GitLab send, encoded.
@@ -266,7 +312,10 @@ fn grpc_messages() {
         (
             "reconcile-projects",
             ReconcileProjectsRequest {
-                project: ["team/agent-config", "team/app", "a/b/c/d"].iter().map(|p| Project { id: (*p).into() }).collect(),
+                project: ["team/agent-config", "team/app", "a/b/c/d"]
+                    .iter()
+                    .map(|p| Project { id: (*p).into() })
+                    .collect(),
             }
             .encode_to_vec(),
         ),
@@ -282,10 +331,17 @@ fn grpc_messages() {
         ("register", RegisterRequest { agent_meta: Some(meta("agentk-0")), pod_id: 4_242_424_242 }.encode_to_vec()),
         (
             "get-configuration",
-            ConfigurationRequest { commit_id: "4f1c2a".into(), agent_meta: Some(meta("agentk-0")), skip_register: false }
-                .encode_to_vec(),
+            ConfigurationRequest {
+                commit_id: "4f1c2a".into(),
+                agent_meta: Some(meta("agentk-0")),
+                skip_register: false,
+            }
+            .encode_to_vec(),
         ),
-        ("get-connected-agents-by-project", GetConnectedAgentsRequest { request: Some(By::ProjectId(42)) }.encode_to_vec()),
+        (
+            "get-connected-agents-by-project",
+            GetConnectedAgentsRequest { request: Some(By::ProjectId(42)) }.encode_to_vec(),
+        ),
         ("get-connected-agents-by-agent", GetConnectedAgentsRequest { request: Some(By::AgentId(7)) }.encode_to_vec()),
         ("connect-descriptor", descriptor().encode_to_vec()),
         (
@@ -298,6 +354,7 @@ fn grpc_messages() {
                         url_path: "/api/v4/job/allowed_agents".into(),
                         query: [("id".to_string(), Values { value: vec!["1".into()] })].into(),
                     }),
+                    extra: Default::default(),
                 })),
             }
             .encode_to_vec(),
