@@ -30,9 +30,9 @@ const MAX_FRAME: usize = 16_384;
 /// SETTINGS_HEADER_TABLE_SIZE both sides start with.
 const TABLE_SIZE: usize = 4096;
 /// Largest decoded header list (RFC 7541 size: name + value + 32 per field) the rewriter may
-/// pass on. The plain HTTP/2 listener allows 16 KiB; this leaves room for how a fix counts, and
-/// still catches an expansion of more than a few entries.
-const MAX_DECODED: usize = 256 * 1024;
+/// pass on. The plain HTTP/2 listener allows 16 KiB; four times that leaves room for how a fix
+/// counts, and is still passed by only 16 references to a 4 KiB dynamic-table entry.
+const MAX_DECODED: usize = 64 * 1024;
 /// What the server gives requests whose own authority is unusable.
 const FALLBACK: &str = "kas";
 
