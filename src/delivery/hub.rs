@@ -567,3 +567,180 @@ mod tests {
         assert!(!d.insert(REMEMBERED as i64 + 5));
     }
 }
+
+/// Coalescing, checked on random stream sets and push sequences through the real hub (in-process
+/// engine, SQLite store): a stream's pending set never holds a path outside its project set, and
+/// every push a stream may hear about is followed by a send of its project.
+#[cfg(test)]
+mod properties {
+    use std::collections::HashSet;
+    use std::sync::OnceLock;
+
+    use futures::FutureExt;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::domain::ProjectPath;
+    use crate::engine::MemoryEngine;
+    use crate::identity::RegistryDirectory;
+
+    const PATHS: [&str; 6] = ["g/a", "g/b", "g/c", "h/a", "h/b", "g/a/sub"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A push to `PATHS[i]`.
+        Push(usize),
+        /// The same notice again (the outbox sweep, a catch-up after a Redis outage).
+        Again(usize),
+        /// The stream asks for its next project.
+        Poll(usize),
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        prop::collection::vec(
+            prop_oneof![
+                (0..PATHS.len()).prop_map(Op::Push),
+                (0..8usize).prop_map(Op::Again),
+                (0..4usize).prop_map(Op::Poll),
+            ],
+            0..80,
+        )
+    }
+
+    /// One runtime and one migrated SQLite store for every case.
+    fn shared() -> &'static (tokio::runtime::Runtime, Arc<dyn Store>, tempfile::TempDir) {
+        static SHARED: OnceLock<(tokio::runtime::Runtime, Arc<dyn Store>, tempfile::TempDir)> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("kas.db").display());
+            let store: Arc<dyn Store> = rt.block_on(async {
+                let store = crate::store::SqliteStore::open(&url, dir.path()).await.unwrap();
+                let store: Arc<dyn Store> = Arc::new(store);
+                store.migrate().await.unwrap();
+                store
+            });
+            (rt, store, dir)
+        })
+    }
+
+    /// Stream `i`'s next send, if one is ready now.
+    fn poll(stream: &mut ReconcileStream) -> Option<Arc<str>> {
+        match stream.next().now_or_never() {
+            Some(Some(Ok(path))) => Some(path),
+            Some(other) => panic!("stream ended: {other:?}"),
+            None => None,
+        }
+    }
+
+    async fn run(streams: Vec<(usize, Vec<usize>)>, public: Vec<bool>, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        static NEXT_AGENT: AtomicI64 = AtomicI64::new(1_000_000);
+        let store = shared().1.clone();
+        let config = HubConfig {
+            replay_window: Duration::from_secs(3600),
+            replay_overlap: Duration::ZERO,
+            token_recheck: Duration::from_secs(3600),
+            credential_grace: Duration::from_secs(3600),
+            max_streams_per_agent: usize::MAX,
+            replica: "properties".into(),
+        };
+        let directory = Arc::new(RegistryDirectory::new(store.clone()));
+        let hub = Hub::new(
+            directory,
+            store,
+            Arc::new(MemoryEngine::default()),
+            Arc::new(Metrics::new()),
+            config,
+            TaskTracker::new(),
+        );
+        let mut open = Vec::new();
+        for (own, projects) in &streams {
+            let agent = AgentIdentity {
+                id: NEXT_AGENT.fetch_add(1, Ordering::Relaxed),
+                name: "agent".into(),
+                config_project: PATHS[*own].into(),
+                config_project_id: None,
+                default_branch: None,
+                credential: 1,
+            };
+            let projects = projects.iter().map(|p| PATHS[*p].to_owned()).collect();
+            open.push(hub.open(agent, projects, CancellationToken::new()).await.expect("no stream limit"));
+        }
+        let allowed = |s: usize, p: &str| {
+            let (own, projects) = &streams[s];
+            let i = PATHS.iter().position(|x| *x == p).unwrap();
+            projects.contains(&i) && (PATHS[*own] == p || public[i])
+        };
+        let mut notices: Vec<PushNotice> = Vec::new();
+        // (step, path) of every push, and of every send per stream.
+        let mut pushes: Vec<(usize, &str)> = Vec::new();
+        let mut sends: Vec<Vec<(usize, Arc<str>)>> = vec![Vec::new(); open.len()];
+        for (step, op) in ops.iter().enumerate() {
+            match *op {
+                Op::Push(p) => {
+                    let n = PushNotice {
+                        seq: notices.len() as i64 + 1,
+                        project_id: p as i64 + 1,
+                        project_path: ProjectPath::parse(PATHS[p]).unwrap(),
+                        world_readable: public[p],
+                        received_at: now_ms(),
+                    };
+                    hub.deliver(std::slice::from_ref(&n));
+                    notices.push(n);
+                    pushes.push((step, PATHS[p]));
+                }
+                Op::Again(back) => {
+                    if let Some(n) = notices.iter().rev().nth(back) {
+                        hub.deliver(std::slice::from_ref(n));
+                    }
+                }
+                Op::Poll(s) => {
+                    if let Some(stream) = open.get_mut(s)
+                        && let Some(path) = poll(stream)
+                    {
+                        sends[s].push((step, path));
+                    }
+                }
+            }
+            for shared in hub.streams.lock().unwrap().values() {
+                let projects: HashSet<&str> = shared.projects.iter().map(|p| &**p).collect();
+                let pending = shared.pending.lock().unwrap().paths();
+                prop_assert!(pending.len() <= projects.len(), "pending {pending:?} over {projects:?}");
+                prop_assert!(pending.iter().all(|p| projects.contains(&**p)), "pending {pending:?} over {projects:?}");
+            }
+        }
+        let end = ops.len();
+        for (s, stream) in open.iter_mut().enumerate() {
+            while let Some(path) = poll(stream) {
+                sends[s].push((end, path));
+            }
+        }
+        for (s, sent) in sends.iter().enumerate() {
+            for (_, path) in sent {
+                prop_assert!(allowed(s, path), "stream {s} was sent {path}, which it may not hear about");
+                let pushed = pushes.iter().filter(|(_, p)| *p == &**path).count();
+                let sent_n = sent.iter().filter(|(_, p)| p == path).count();
+                prop_assert!(sent_n <= pushed, "{path}: {sent_n} sends for {pushed} pushes");
+            }
+            for (step, path) in pushes.iter().filter(|(_, p)| allowed(s, p)) {
+                prop_assert!(
+                    sent.iter().any(|(at, p)| at > step && &**p == *path),
+                    "stream {s}: the push to {path} at step {step} was never followed by a send"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn pending_stays_within_the_project_set_and_every_push_is_sent(
+            streams in prop::collection::vec((0..PATHS.len(), prop::collection::vec(0..PATHS.len(), 0..8)), 1..4),
+            public in prop::collection::vec(any::<bool>(), PATHS.len()),
+            ops in ops(),
+        ) {
+            shared().0.block_on(run(streams, public, ops))?;
+        }
+    }
+}

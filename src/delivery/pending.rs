@@ -125,6 +125,12 @@ impl Pending {
     pub fn len(&self) -> usize {
         self.order.len() + self.deferred.len()
     }
+
+    /// The waiting paths, oldest first.
+    #[cfg(test)]
+    pub fn paths(&self) -> Vec<Arc<str>> {
+        self.order.iter().cloned().collect()
+    }
 }
 
 #[cfg(test)]

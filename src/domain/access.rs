@@ -85,3 +85,91 @@ mod tests {
         assert!(!may_notify("g/p", "g/p ", false));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::domain::ProjectPath;
+
+    /// Paths from a few segments, so equal, prefix and case-variant paths come up often.
+    fn path() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(vec!["g", "G", "p", "p2", "sub"]), 2..4).prop_map(|s| s.join("/"))
+    }
+
+    fn visibility() -> impl Strategy<Value = Option<Visibility>> {
+        prop::sample::select(vec![
+            None,
+            Some(Visibility::Private),
+            Some(Visibility::Internal),
+            Some(Visibility::Public),
+        ])
+    }
+
+    fn access() -> impl Strategy<Value = RepositoryAccess> {
+        prop::sample::select(vec![RepositoryAccess::Everyone, RepositoryAccess::Members])
+    }
+
+    fn entry() -> impl Strategy<Value = Option<ProjectInfo>> {
+        prop::option::of((path(), visibility(), access()).prop_map(|(p, visibility, repository_access)| ProjectInfo {
+            id: 1,
+            path: ProjectPath::parse(&p).unwrap(),
+            visibility,
+            repository_access,
+        }))
+    }
+
+    /// The rule as the design states it, written as a table rather than as the code is.
+    fn model(config_project: &str, pushed: &str, entry: Option<&ProjectInfo>) -> bool {
+        let own = config_project.as_bytes() == pushed.as_bytes();
+        let open_to_all = match entry {
+            Some(e) if e.path.as_str().as_bytes() == pushed.as_bytes() => match (e.visibility, e.repository_access) {
+                (Some(Visibility::Public), RepositoryAccess::Everyone) => true,
+                (Some(Visibility::Public), RepositoryAccess::Members) => false,
+                (Some(Visibility::Internal), _) => false,
+                (Some(Visibility::Private), _) => false,
+                (None, _) => false,
+            },
+            // No entry, or one left from before a rename: unknown is private.
+            _ => false,
+        };
+        own || open_to_all
+    }
+
+    /// The same project made no more visible: less visibility, members-only, no entry.
+    fn narrowed(e: &ProjectInfo, how: u8) -> Option<ProjectInfo> {
+        let mut n = e.clone();
+        match how % 4 {
+            0 => n.visibility = Some(Visibility::Internal),
+            1 => n.visibility = None,
+            2 => n.repository_access = RepositoryAccess::Members,
+            _ => return None,
+        }
+        Some(n)
+    }
+
+    proptest! {
+        #[test]
+        fn the_rule_matches_the_model(config in path(), pushed in path(), entry in entry()) {
+            let got = may_notify(&config, &pushed, is_world_readable(&pushed, entry.as_ref()));
+            prop_assert_eq!(got, model(&config, &pushed, entry.as_ref()));
+        }
+
+        #[test]
+        fn an_entry_for_the_pushed_path_decides_alone(config in path(), pushed in path(), v in visibility(), a in access()) {
+            let entry = ProjectInfo { id: 1, path: ProjectPath::parse(&pushed).unwrap(), visibility: v, repository_access: a };
+            let got = may_notify(&config, &pushed, is_world_readable(&pushed, Some(&entry)));
+            prop_assert_eq!(got, model(&config, &pushed, Some(&entry)));
+        }
+
+        #[test]
+        fn narrowing_a_project_never_widens_who_hears(config in path(), pushed in path(), entry in entry(), how in any::<u8>()) {
+            let Some(entry) = entry else { return Ok(()) };
+            let narrower = narrowed(&entry, how);
+            let before = may_notify(&config, &pushed, is_world_readable(&pushed, Some(&entry)));
+            let after = may_notify(&config, &pushed, is_world_readable(&pushed, narrower.as_ref()));
+            prop_assert!(!after || before, "narrowing {:?} to {:?} opened {}", entry, narrower, pushed);
+        }
+    }
+}

@@ -36,7 +36,11 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<ReconcileProjectsResponse
 /// bounds: at most `max_projects` ids, `max_bytes` for the whole request, GitLab's segment
 /// length. Ids are matched exactly against pushed full paths; one that is not a valid path
 /// simply never matches.
-fn validate(request: &ReconcileProjectsRequest, max_projects: usize, max_bytes: usize) -> Result<Vec<String>, Status> {
+pub fn validate(
+    request: &ReconcileProjectsRequest,
+    max_projects: usize,
+    max_bytes: usize,
+) -> Result<Vec<String>, Status> {
     use prost::Message;
     let size = request.encoded_len();
     if size > max_bytes {

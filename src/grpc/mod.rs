@@ -180,6 +180,12 @@ pub(crate) fn stream_end_status(end: crate::delivery::StreamEnd) -> Status {
     }
 }
 
+/// The request checks the handlers run, public for the fuzz targets (`fuzz/`).
+pub mod validate {
+    pub use super::flux::validate as reconcile_projects;
+    pub use super::notifications::validate as git_push_event;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ impl NotificationsService {
 }
 
 /// Validates the request as upstream does: event and project required, id > 0, path valid.
-fn validate(request: &GitPushEventRequest) -> Result<PushEvent, Status> {
+pub fn validate(request: &GitPushEventRequest) -> Result<PushEvent, Status> {
     let project = request
         .event
         .as_ref()

@@ -5,6 +5,7 @@ mod support;
 mod agentk;
 mod cli;
 mod crash;
+mod fuzz_seeds;
 mod gitlab_mode;
 mod hostile;
 mod intake;
