@@ -264,4 +264,79 @@ mod tests {
         assert!("secret".parse::<Visibility>().is_err());
         assert!("nobody".parse::<RepositoryAccess>().is_err());
     }
+
+    mod merging {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn visibility() -> impl Strategy<Value = Option<Visibility>> {
+            prop_oneof![
+                Just(None),
+                Just(Some(Visibility::Private)),
+                Just(Some(Visibility::Internal)),
+                Just(Some(Visibility::Public))
+            ]
+        }
+
+        fn rank(v: Option<Visibility>) -> i64 {
+            v.map_or(-1, Visibility::level)
+        }
+
+        /// One batch's pushes for a project: (path a or b, visibility, receipt time).
+        fn batch() -> impl Strategy<Value = Vec<(bool, Option<Visibility>, i64)>> {
+            prop::collection::vec((any::<bool>(), visibility(), 0i64..20), 1..8)
+        }
+
+        fn merge(pushes: &[(bool, Option<Visibility>, i64)]) -> ProjectUpdate {
+            let path = |b: bool| ProjectPath::parse(if b { "g/b" } else { "g/a" }).unwrap();
+            let (first, rest) = pushes.split_first().unwrap();
+            let mut u = ProjectUpdate::new(1, path(first.0), first.1, first.2);
+            for (b, v, at) in rest {
+                u.merge(&path(*b), *v, *at);
+            }
+            u
+        }
+
+        proptest! {
+            /// In a batch the most restrictive visibility carried wins, whatever the order, and
+            /// pushes without visibility change nothing; the newest push gives the path.
+            #[test]
+            fn the_most_restrictive_wins_in_a_batch(pushes in batch()) {
+                let u = merge(&pushes);
+                let carried: Vec<Visibility> = pushes.iter().filter_map(|p| p.1).collect();
+                let want = carried.iter().copied().min_by_key(|v| v.level());
+                prop_assert_eq!(u.visibility, want);
+                let mut reversed = pushes.clone();
+                reversed.reverse();
+                prop_assert_eq!(merge(&reversed).visibility, want, "order-independent");
+                let newest = pushes.iter().map(|p| p.2).max().unwrap();
+                prop_assert_eq!(u.seen_at, newest);
+                let name = |b: bool| if b { "g/b" } else { "g/a" };
+                let newest_path = pushes.iter().any(|p| p.2 == newest && name(p.0) == u.path.as_str());
+                prop_assert!(newest_path, "the path comes from a newest push");
+            }
+
+            /// Against what the registry holds: an update without visibility never opens a
+            /// project; news never makes a project more open than it says; late (older) news only
+            /// ever closes.
+            #[test]
+            fn merging_into_the_registry_never_opens_beyond_the_news(
+                stored in visibility(), stored_b in any::<bool>(), stored_at in 0i64..20, pushes in batch(),
+            ) {
+                let u = merge(&pushes);
+                let stored_path = ProjectPath::parse(if stored_b { "g/b" } else { "g/a" }).unwrap();
+                let got = merged_visibility(Some((&stored_path, stored, stored_at)), &u);
+                match u.visibility {
+                    None => prop_assert!(rank(got) <= rank(stored), "{got:?} opens {stored:?}"),
+                    Some(v) if u.seen_at >= stored_at => prop_assert_eq!(got, Some(v)),
+                    Some(v) => prop_assert!(rank(got) <= rank(Some(v)).min(rank(stored).max(0))),
+                }
+                if u.visibility.is_none() && u.path == stored_path {
+                    prop_assert_eq!(got, stored, "a push without visibility changed it");
+                }
+                prop_assert_eq!(merged_visibility(None, &u), u.visibility);
+            }
+        }
+    }
 }
