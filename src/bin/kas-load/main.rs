@@ -46,7 +46,7 @@ enum Child {
 /// What to run and how hard.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Options {
-    /// all, baseline-http, baseline-redis, baseline-memory, intake, fanout, fanout-redis
+    /// all, baseline-http, baseline-redis, baseline-memory, intake, fanout, fanout-redis, idle-flood
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Length of each measured phase, in seconds
@@ -61,6 +61,9 @@ pub struct Options {
     /// Agent connections opened at once
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
+    /// Silent sockets the idle-flood scenario holds on the webhook port (at most 20,000)
+    #[arg(long, default_value_t = 3000)]
+    pub idle_sockets: usize,
     /// Pushes per second spread over the agents
     #[arg(long, default_value_t = 1000)]
     pub rate: u64,

@@ -1,5 +1,7 @@
 //! The measured scenarios and the report.
 
+mod floods;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -55,7 +57,7 @@ pub async fn run(options: Options) -> Result<(), String> {
             return Err(format!("{url}: the load tool only targets 127.0.0.1"));
         }
     }
-    check_open_files(options.agents)?;
+    check_open_files(options.agents.max(options.idle_sockets))?;
     // Server logs are kept when a run fails, and their place is printed.
     let logs = tempfile::Builder::new().prefix("kas-load-").tempdir().map_err(|e| e.to_string())?.keep();
     let secret_file = logs.join("webhook-secret");
@@ -83,6 +85,9 @@ pub async fn run(options: Options) -> Result<(), String> {
         }
         if wants("fanout-redis") {
             fanout(&ctx, &mut report, true).await?;
+        }
+        if wants("idle-flood") {
+            floods::idle_flood(&ctx, &mut report).await?;
         }
         Ok::<(), String>(())
     };
