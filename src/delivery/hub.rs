@@ -355,7 +355,9 @@ impl Hub {
         if moved.is_empty() {
             return;
         }
-        let rows: Vec<(i64, DeliveryPosition)> = moved.iter().map(|(a, p, _)| (*a, *p)).collect();
+        let mut rows: Vec<(i64, DeliveryPosition)> = moved.iter().map(|(a, p, _)| (*a, *p)).collect();
+        // In agent order: replicas saving overlapping agents lock rows in one order (no deadlock).
+        rows.sort_unstable_by_key(|(a, _)| *a);
         match self.store.save_positions(&rows).await {
             Ok(()) => {
                 for (_, position, owners) in moved {

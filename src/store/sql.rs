@@ -614,14 +614,18 @@ macro_rules! impl_store {
             }
 
             async fn save_positions(&self, positions: &[(AgentId, DeliveryPosition)]) -> Result<(), StoreError> {
-                for chunk in positions.chunks(500) {
+                // One transaction, so the periodic save of thousands of agents costs the database one
+                // commit (one WAL flush) next to the intake's, not one per chunk.
+                let mut tx = self.pool.begin().await?;
+                for chunk in positions.chunks(5000) {
                     let mut q = sqlx::QueryBuilder::<$db>::new("INSERT INTO agent_positions (agent_id, seq, updated_at) ");
                     q.push_values(chunk, |mut row, (agent, p)| {
                         row.push_bind(*agent).push_bind(p.seq).push_bind(p.at);
                     });
                     q.push(" ON CONFLICT (agent_id) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at");
-                    q.build().execute(&self.pool).await?;
+                    q.build().execute(&mut *tx).await?;
                 }
+                tx.commit().await?;
                 Ok(())
             }
 
