@@ -134,7 +134,7 @@ settings! {
     max_streams_per_agent => "KAS_MAX_STREAMS_PER_AGENT",
     /// Most projects one ReconcileProjects stream may ask for [default: 10000]
     max_projects_per_stream => "KAS_MAX_PROJECTS_PER_STREAM",
-    /// Largest ReconcileProjects request, in bytes (or with KiB/MiB) [default: 2MiB]
+    /// Largest ReconcileProjects request, in bytes (or with KiB/MiB) [default: 1MiB]
     max_reconcile_request => "KAS_MAX_RECONCILE_REQUEST",
     /// How long an agent that reconnects still gets what it missed [default: 15m]
     replay_window => "KAS_REPLAY_WINDOW",
@@ -330,7 +330,7 @@ impl Settings {
             )?,
             max_reconcile_request: parse_size(
                 "max_reconcile_request",
-                s.max_reconcile_request.as_deref().unwrap_or("2MiB"),
+                s.max_reconcile_request.as_deref().unwrap_or("1MiB"),
             )?,
             replay_window: parse_duration_setting("replay_window", s.replay_window.as_deref(), "15m")?,
             event_retention: parse_duration_setting("event_retention", s.event_retention.as_deref(), "7d")?,

@@ -31,22 +31,27 @@ use crate::proto::notifications::rpc::notifications_server::NotificationsServer;
 use crate::proto::reverse_tunnel::rpc::reverse_tunnel_server::ReverseTunnelServer;
 use crate::proto::server_info::rpc::server_info_server::ServerInfoServer;
 
-/// Largest message accepted from a client.
-const MAX_MESSAGE: usize = 4 << 20;
+/// Largest tunnel or GitlabAccess message accepted from an agent.
+const MAX_MESSAGE: usize = 1 << 20;
+/// Largest message of the small calls (configuration, registration, everything GitLab calls).
+/// Messages are decoded before the handler checks any credential, and a repeated field can
+/// decode to many times its wire size (an empty project is 2 bytes on the wire, 24 in memory),
+/// so every limit is as small as the call allows.
+const MAX_SMALL_MESSAGE: usize = 64 << 10;
 
 /// Services on the agent listener.
 pub fn agent_routes(app: Arc<App>) -> axum::Router {
-    // Decoded up to the larger bound; `flux::validate` refuses anything over the setting with
-    // RESOURCE_EXHAUSTED (tonic's own refusal would say OUT_OF_RANGE).
+    // Bounded by the setting before decoding (tonic refuses a larger message with OUT_OF_RANGE,
+    // before any credential is checked); `flux::validate` checks the rest.
     let flux = GitLabFluxServer::new(flux::FluxService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
-        .max_decoding_message_size(MAX_MESSAGE.max(app.config.max_reconcile_request));
+        .max_decoding_message_size(app.config.max_reconcile_request);
     let configuration = AgentConfigurationServer::new(configuration::ConfigurationService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
-        .max_decoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(MAX_SMALL_MESSAGE);
     let registrar = AgentRegistrarServer::new(registrar::RegistrarService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
-        .max_decoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(MAX_SMALL_MESSAGE);
     let tunnel = ReverseTunnelServer::new(tunnel::TunnelService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(MAX_MESSAGE);
@@ -93,18 +98,18 @@ pub(crate) async fn authenticate_agent(app: &App, metadata: &MetadataMap) -> Res
 pub fn api_routes(app: Arc<App>) -> axum::Router {
     let notifications = NotificationsServer::new(notifications::NotificationsService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
-        .max_decoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(MAX_SMALL_MESSAGE);
     let tracker = AgentTrackerServer::new(tracker::TrackerService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
-        .max_decoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(MAX_SMALL_MESSAGE);
     // What GitLab Rails 17/18 also calls on its agent server (`gitlab_kas` internal URL).
     let server_info = ServerInfoServer::new(server_info::ServerInfoService::new(app.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
-        .max_decoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(MAX_SMALL_MESSAGE);
     let configuration_project =
         ConfigurationProjectServer::new(configuration_project::ConfigurationProjectService::new(app))
             .accept_compressed(CompressionEncoding::Gzip)
-            .max_decoding_message_size(MAX_MESSAGE);
+            .max_decoding_message_size(MAX_SMALL_MESSAGE);
     Routes::new(notifications)
         .add_service(tracker)
         .add_service(server_info)
