@@ -207,6 +207,9 @@ impl Hub {
     ) -> Result<ReconcileStream, TooManyStreams> {
         self.admit(agent.id)?;
         let shared = self.register(agent, projects);
+        // The stream owns the registration from here: if the caller goes away during the awaits
+        // below (a reset call), dropping it unregisters and gives the agent's slot back.
+        let stream = ReconcileStream::new(self.clone(), shared.clone(), closing);
         self.engine
             .connection_opened(ConnectionRecord {
                 id: self.connection_id(&shared),
@@ -227,7 +230,7 @@ impl Hub {
         let position = self.position_of(&shared);
         self.save_position(shared.agent.id, position, true).await;
         shared.saved_seq.store(position.seq, Ordering::Relaxed);
-        Ok(ReconcileStream::new(self.clone(), shared, closing))
+        Ok(stream)
     }
 
     fn connection_id(&self, shared: &StreamShared) -> String {

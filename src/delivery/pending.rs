@@ -29,6 +29,9 @@ pub struct Pending {
     deferred: HashMap<Arc<str>, (Entry, Instant)>,
     /// Consecutive failed sends per path, for the backoff; cleared by a success.
     failures: HashMap<Arc<str>, u32>,
+    /// The entry taken for sending whose access decision is still under way: it still holds the
+    /// delivery position back, so a stream that ends meanwhile does not skip it.
+    in_flight: Option<Entry>,
 }
 
 impl Pending {
@@ -62,6 +65,14 @@ impl Pending {
         }
     }
 
+    /// Takes the oldest waiting path for sending; it counts as waiting (for the position)
+    /// until `settled` or `defer`.
+    pub fn take(&mut self) -> Option<(Arc<str>, Entry)> {
+        let taken = self.pop()?;
+        self.in_flight = Some(taken.1);
+        Some(taken)
+    }
+
     /// Takes the oldest waiting path.
     pub fn pop(&mut self) -> Option<(Arc<str>, Entry)> {
         let path = self.order.pop_front()?;
@@ -81,6 +92,7 @@ impl Pending {
             }
             entry.received_at = entry.received_at.min(waiting.received_at);
         }
+        self.in_flight = None;
         self.deferred.insert(path.clone(), (entry, due));
         let failures = self.failures.entry(path).or_default();
         *failures += 1;
@@ -94,6 +106,7 @@ impl Pending {
 
     /// Forgets the failures of `path` after a successful decision.
     pub fn settled(&mut self, path: &str) {
+        self.in_flight = None;
         if !self.failures.is_empty() {
             self.failures.remove(path);
         }
@@ -117,7 +130,12 @@ impl Pending {
 
     /// Lowest sequence number still waiting, deferred paths included.
     pub fn min_seq(&self) -> Option<i64> {
-        self.entries.values().chain(self.deferred.values().map(|(e, _)| e)).map(|e| e.first_seq).min()
+        self.entries
+            .values()
+            .chain(self.deferred.values().map(|(e, _)| e))
+            .chain(self.in_flight.as_ref())
+            .map(|e| e.first_seq)
+            .min()
     }
 
     /// Number of waiting paths, deferred ones included.
@@ -194,6 +212,17 @@ mod tests {
         let (path, _) = p.pop().unwrap();
         p.settled(&path);
         assert_eq!(p.failures("a"), 0);
+        assert_eq!(p.min_seq(), None);
+    }
+
+    #[test]
+    fn an_entry_under_decision_holds_the_position() {
+        let mut p = Pending::default();
+        let a: Arc<str> = "a".into();
+        p.add(&a, 7, true, 0);
+        let (path, _) = p.take().unwrap();
+        assert_eq!(p.min_seq(), Some(7), "taken, not yet decided");
+        p.settled(&path);
         assert_eq!(p.min_seq(), None);
     }
 }

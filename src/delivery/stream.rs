@@ -83,7 +83,7 @@ impl ReconcileStream {
             let (popped, next_retry) = {
                 let mut pending = self.shared.pending.lock().expect("pending lock");
                 let next_retry = pending.release_due(tokio::time::Instant::now());
-                (pending.pop(), next_retry)
+                (pending.take(), next_retry)
             };
             if let Some((path, entry)) = popped {
                 // The access rule, applied before every send.

@@ -58,9 +58,12 @@ const FULL_REWRITE_EVERY: u32 = 12;
 const CATCH_UP_OVERLAP_MS: i64 = 30_000;
 /// Events read from the log per catch-up query.
 const CATCH_UP_PAGE: i64 = 5000;
-/// Most sequence numbers read from the channel before they are looked up in one query; more
-/// in one message are ignored (no replica publishes that many at once).
+/// Messages waiting on the channel are gathered into one lookup until it holds this many
+/// sequence numbers (a message is never split or cut: the lookup reads in chunks).
 const MAX_SEQS_PER_LOOKUP: usize = 5000;
+/// A message larger than this is not one a replica published (a batch of a few thousand numbers
+/// is tens of KiB); it is ignored before it is parsed.
+const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// Where Redis is, from `KAS_REDIS_URL`.
 pub enum RedisTarget {
@@ -367,6 +370,11 @@ impl RedisEngine {
 
     /// The sequence numbers a message announces, unless this replica published it.
     fn announced(&self, payload: &[u8], into: &mut Vec<i64>) {
+        if payload.len() > MAX_MESSAGE_BYTES {
+            tracing::warn!(bytes = payload.len(), "ignoring an oversized message on the events channel");
+            self.metrics.engine_forgeries.inc();
+            return;
+        }
         let envelope: Envelope = match serde_json::from_slice(payload) {
             Ok(e) => e,
             Err(e) => {
@@ -377,23 +385,17 @@ impl RedisEngine {
         if envelope.r == self.replica {
             return; // delivered locally when it was recorded
         }
-        let room = MAX_SEQS_PER_LOOKUP.saturating_sub(into.len());
-        if envelope.s.len() > room {
-            tracing::warn!(
-                seqs = envelope.s.len(),
-                "ignoring the excess of an oversized message on the events channel"
-            );
-        }
-        into.extend(envelope.s.into_iter().filter(|s| *s > 0).take(room));
+        into.extend(envelope.s.into_iter().filter(|s| *s > 0));
     }
 
     /// Reads the announced events from the log and hands them to local delivery. A number the
     /// log does not hold is dropped here: the database, not the message, says what happened.
-    async fn deliver_announced(&self, ctx: &EngineContext, mut seqs: Vec<i64>) {
+    /// False when the database could not be read: the caller treats that as a gap to catch up.
+    async fn deliver_announced(&self, ctx: &EngineContext, mut seqs: Vec<i64>) -> bool {
         seqs.sort_unstable();
         seqs.dedup();
         if seqs.is_empty() {
-            return;
+            return true;
         }
         let mut backoff = Duration::from_millis(50);
         let notices = loop {
@@ -407,9 +409,9 @@ impl RedisEngine {
                     backoff *= 2;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, events = seqs.len(), "cannot read announced events from the log");
+                    tracing::warn!(error = %e, events = seqs.len(), "cannot read announced events from the log; will catch up");
                     self.metrics.engine_errors.inc();
-                    return;
+                    return false;
                 }
             }
         };
@@ -418,10 +420,12 @@ impl RedisEngine {
         }
         ctx.metrics.events_received_remote.inc_by(notices.len() as u64);
         ctx.local.deliver(&notices);
+        true
     }
 
-    /// Delivers what was recorded since `since` (less an overlap) from the event log.
-    async fn catch_up(&self, ctx: &EngineContext, since: i64) {
+    /// Delivers what was recorded since `since` (less an overlap) from the event log; false when
+    /// the log could not be read (the gap stays open).
+    async fn catch_up(&self, ctx: &EngineContext, since: i64) -> bool {
         let not_before = now_ms() - ctx.replay_window.as_millis() as i64;
         let mut overlap_from = since - CATCH_UP_OVERLAP_MS;
         let mut after = i64::MAX;
@@ -430,8 +434,8 @@ impl RedisEngine {
             let page = match ctx.store.pushes_since(after, overlap_from, not_before, &[], CATCH_UP_PAGE).await {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot catch up from the event log");
-                    return;
+                    tracing::warn!(error = %e, "cannot catch up from the event log; will try again");
+                    return false;
                 }
             };
             total += page.len();
@@ -445,6 +449,7 @@ impl RedisEngine {
             }
         }
         tracing::info!(events = total, "caught up from the event log after a gap in the Redis subscription");
+        true
     }
 
     async fn subscribe_loop(self: Arc<Self>, ctx: EngineContext) {
@@ -484,8 +489,17 @@ impl RedisEngine {
             backoff = Duration::from_millis(100);
             warned = false;
             tracing::info!(channel = %self.keys.channel, "subscribed to the Redis events channel");
-            if let Some(since) = gap_since.take() {
-                self.catch_up(&ctx, since).await;
+            if let Some(since) = gap_since {
+                if !self.catch_up(&ctx, since).await {
+                    // Subscribed but behind: try again shortly, keeping the gap's start.
+                    self.subscribed.store(false, Ordering::Release);
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    continue;
+                }
+                gap_since = None;
             }
             let mut ping = tokio::time::interval(SUBSCRIPTION_PING);
             loop {
@@ -494,6 +508,7 @@ impl RedisEngine {
                     message = stream.next() => match message {
                         Some(m) => {
                             // Everything already waiting goes into one database lookup.
+                            let received = now_ms();
                             let mut seqs = Vec::new();
                             self.announced(m.get_payload_bytes(), &mut seqs);
                             let mut ended = false;
@@ -504,7 +519,11 @@ impl RedisEngine {
                                     None => break,
                                 }
                             }
-                            self.deliver_announced(&ctx, seqs).await;
+                            if !self.deliver_announced(&ctx, seqs).await {
+                                // Announced but unread: the catch-up from the log covers it.
+                                gap_since = Some(received);
+                                break;
+                            }
                             if ended {
                                 break;
                             }
@@ -520,7 +539,8 @@ impl RedisEngine {
                 }
             }
             self.subscribed.store(false, Ordering::Release);
-            gap_since = Some(now_ms());
+            let lost_at = now_ms();
+            gap_since = Some(gap_since.map_or(lost_at, |g| g.min(lost_at)));
             self.metrics.engine_errors.inc();
             tracing::warn!("lost the Redis subscription; will catch up from the event log once it is back");
         }

@@ -82,7 +82,9 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
         }
         Err(e) => {
             app.metrics.webhook("unavailable");
-            reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": format!("cannot record the push now: {e}")}))
+            // The sender learns to retry, not why: the reason (database errors) goes to the log.
+            tracing::warn!(error = %e, "cannot record a webhook push");
+            reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "cannot record the push now; retry"}))
         }
     }
 }
@@ -109,9 +111,10 @@ async fn within_scope(app: &App, scope: &HookScope, push: &PushEvent) -> Result<
         Ok(_) => Ok(()),
         Err(e) => {
             app.metrics.webhook("unavailable");
+            tracing::warn!(error = %e, "cannot check a scoped webhook's project");
             Err(Box::new(reply(
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": format!("cannot check the project now: {e}")}),
+                json!({"error": "cannot check the project now; retry"}),
             )))
         }
     }

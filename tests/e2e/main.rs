@@ -11,6 +11,7 @@ mod hostile;
 mod intake;
 mod limits;
 mod rails;
+mod regressions;
 mod replicas;
 mod security;
 mod server;
