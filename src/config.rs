@@ -136,6 +136,8 @@ settings! {
     max_projects_per_stream => "KAS_MAX_PROJECTS_PER_STREAM",
     /// Largest ReconcileProjects request, in bytes (or with KiB/MiB) [default: 1MiB]
     max_reconcile_request => "KAS_MAX_RECONCILE_REQUEST",
+    /// Version answered to GitLab's GetServerInfo; GitLab uses it as the agentk image tag [default: kas's own]
+    server_version => "KAS_SERVER_VERSION",
     /// How long an agent that reconnects still gets what it missed [default: 15m]
     replay_window => "KAS_REPLAY_WINDOW",
     /// How long recorded push events are kept [default: 7d]
@@ -230,6 +232,8 @@ pub struct Config {
     pub max_projects_per_stream: usize,
     /// Largest ReconcileProjects request in bytes.
     pub max_reconcile_request: usize,
+    /// Version answered to GitLab's GetServerInfo, when set.
+    pub server_version: Option<String>,
     /// Replay window for reconnecting agents.
     pub replay_window: Duration,
     /// Retention of the push-event log.
@@ -322,6 +326,7 @@ impl Settings {
             gitlab_secret_file: s.gitlab_secret_file.map(PathBuf::from),
             admin_secret_file: s.admin_secret_file.map(PathBuf::from),
             credential_grace: parse_duration_setting("credential_grace", s.credential_grace.as_deref(), "5m")?,
+            server_version: s.server_version.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()),
             max_streams_per_agent: parse_count("max_streams_per_agent", s.max_streams_per_agent.as_deref(), 2048)?,
             max_projects_per_stream: parse_count(
                 "max_projects_per_stream",

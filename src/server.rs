@@ -154,6 +154,12 @@ pub async fn serve(
         Outbox::start(store.clone(), engine.clone(), local, metrics.clone(), config.event_retention);
     let writers = if config.store.database_url.expose().starts_with("sqlite:") { 1 } else { 4 };
     let intake = Intake::start(store.clone(), outbox.clone(), metrics.clone(), writers);
+    if config.server_version.is_none() && secrets.gitlab_jwt_key.is_some() {
+        tracing::warn!(
+            "KAS_SERVER_VERSION is not set: GitLab's \"Connect a cluster\" command will name agentk {} (kas's own version); set it to your GitLab's version, e.g. v18.6.0",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
     if config.gitlab_external_url.is_none() {
         tracing::warn!(
             "KAS_GITLAB_EXTERNAL_URL is not set: agents get an empty gitlab_external_url, so Flux never gets Receivers for GitLab's repositories"

@@ -33,7 +33,10 @@ impl ServerInfo for ServerInfoService {
         request: Request<GetServerInfoRequest>,
     ) -> Result<Response<GetServerInfoResponse>, Status> {
         super::authorize_gitlab(&self.app, request.metadata())?;
-        let current_server_info = CurrentServerInfo { version: VERSION.into(), git_ref: GIT_REF.into() };
+        // GitLab puts this version into its "Connect a cluster" install command as agentk's image
+        // tag, so operators set KAS_SERVER_VERSION to their GitLab's version.
+        let version = self.app.config.server_version.clone().unwrap_or_else(|| VERSION.into());
+        let current_server_info = CurrentServerInfo { version, git_ref: GIT_REF.into() };
         Ok(Response::new(GetServerInfoResponse { current_server_info: Some(current_server_info) }))
     }
 }

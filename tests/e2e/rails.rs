@@ -45,6 +45,18 @@ async fn server_info_is_kas_version_and_git_ref() {
         call::<_, GetServerInfoResponse>(&app, wire::GET_SERVER_INFO, tonic::Request::new(Empty {})).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "GitLab's JWT is required");
     app.stop().await;
+
+    // GitLab names agentk's image by this version: an operator sets it to GitLab's.
+    let db = TestDb::sqlite();
+    let secret = crate::intake::write_gitlab_secret(&db);
+    let app = TestApp::spawn(&db, |s| {
+        s.gitlab_secret_file = Some(secret);
+        s.server_version = Some("v18.6.0".into());
+    })
+    .await;
+    let info: GetServerInfoResponse = call(&app, wire::GET_SERVER_INFO, rails(Empty {})).await.unwrap();
+    assert_eq!(info.current_server_info.unwrap().version, "v18.6.0");
+    app.stop().await;
 }
 
 #[tokio::test]
