@@ -166,6 +166,12 @@ settings! {
     gitlab_cache_ttl => "KAS_GITLAB_CACHE_TTL",
     /// PEM file with the CA certificate(s) of GitLab's https:// URL, trusted besides the public roots
     gitlab_ca_file => "KAS_GITLAB_CA_FILE",
+    /// Most pods one agent may have registered at once (AgentRegistrar, GetConfiguration) [default: 100]
+    max_pods_per_agent => "KAS_MAX_PODS_PER_AGENT",
+    /// Largest agent metadata (AgentMeta) one pod may register, in bytes (or with KiB/MiB) [default: 8KiB]
+    max_agent_meta => "KAS_MAX_AGENT_META",
+    /// Version answered to GitLab's ServerInfo (GitLab uses it as agentk's image tag): set it to GitLab's, e.g. v18.6.0 [default: kas's own]
+    server_version => "KAS_SERVER_VERSION",
 }
 
 /// The settings the registry commands need: where the database is.
@@ -248,6 +254,12 @@ pub struct Config {
     pub gitlab_cache_ttl: Duration,
     /// Extra CA certificates (PEM) for GitLab's URL (GitLab-backed mode).
     pub gitlab_ca_file: Option<PathBuf>,
+    /// Most live pod registrations per agent.
+    pub max_pods_per_agent: usize,
+    /// Largest serialized `AgentMeta` a pod may register, in bytes.
+    pub max_agent_meta: usize,
+    /// The version `ServerInfo` answers instead of kas's own, when set.
+    pub server_version: Option<String>,
 }
 
 impl Settings {
@@ -310,6 +322,9 @@ impl Settings {
             gitlab_api_token_file: s.gitlab_api_token_file.map(PathBuf::from),
             gitlab_cache_ttl: parse_duration_setting("gitlab_cache_ttl", s.gitlab_cache_ttl.as_deref(), "5m")?,
             gitlab_ca_file: s.gitlab_ca_file.map(PathBuf::from),
+            max_pods_per_agent: parse_count("max_pods_per_agent", s.max_pods_per_agent.as_deref(), 100)?,
+            max_agent_meta: parse_size("max_agent_meta", s.max_agent_meta.as_deref().unwrap_or("8KiB"))?,
+            server_version: s.server_version.map(|v| parse_server_version(&v)).transpose()?,
         };
         config.check_consistency()?;
         Ok(config)
@@ -324,6 +339,21 @@ fn parse_count(field: &str, raw: Option<&str>, default: usize) -> Result<usize, 
             Ok(n) if n > 0 => Ok(n),
             _ => Err(invalid(field, format!("{v:?} is not a positive whole number"))),
         },
+    }
+}
+
+/// A version GitLab can use as a container image tag (`[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`),
+/// which is what it does with the one `ServerInfo` answers.
+fn parse_server_version(raw: &str) -> Result<String, ConfigError> {
+    let v = raw.trim();
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && !v.starts_with(['.', '-'])
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(invalid("server_version", format!("{raw:?} is not a version usable as an image tag, e.g. v18.6.0")))
     }
 }
 
@@ -511,6 +541,10 @@ mod tests {
         assert_eq!(c.redis_prefix, "kas");
         assert!(c.redis_url.is_none());
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!((c.max_pods_per_agent, c.max_agent_meta), (100, 8192));
+        assert_eq!(c.server_version, None);
+        let c = settings(&[("server_version", "v18.6.0")]).resolve().unwrap();
+        assert_eq!(c.server_version.as_deref(), Some("v18.6.0"));
     }
 
     #[test]
@@ -541,6 +575,10 @@ mod tests {
             ("event_retention", "10m", "KAS_EVENT_RETENTION"),
             ("gitlab_cache_ttl", "8m", "KAS_GITLAB_CACHE_TTL"),
             ("credential_grace", "soon", "KAS_CREDENTIAL_GRACE"),
+            ("max_pods_per_agent", "0", "KAS_MAX_PODS_PER_AGENT"),
+            ("max_agent_meta", "12", "KAS_MAX_AGENT_META"),
+            ("server_version", "v18.6.0 beta", "KAS_SERVER_VERSION"),
+            ("server_version", "-v18", "KAS_SERVER_VERSION"),
         ] {
             let err = settings(&[(key, value)]).resolve().unwrap_err().to_string();
             assert!(err.contains(needle), "{key}={value}: {err}");

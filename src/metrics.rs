@@ -26,7 +26,8 @@ pub struct NameLabel {
 pub struct CallLabel {
     /// The call.
     pub call: &'static str,
-    /// ok, refused (4xx) or error.
+    /// ok, refused (4xx), error, too_large (answer over kas's limit) or shed (kas's own limits:
+    /// GitLab was not asked).
     pub result: &'static str,
 }
 
@@ -75,6 +76,8 @@ pub struct Metrics {
     pub engine_forgeries: Counter,
     /// Calls to GitLab by call and result.
     pub gitlab_calls: Family<CallLabel, Counter>,
+    /// Entries in the GitLab mode's bounded tables (refusals, peers).
+    pub gitlab_cache_entries: Family<NameLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -110,6 +113,7 @@ impl Metrics {
             access_check_failures: Counter::default(),
             engine_forgeries: Counter::default(),
             gitlab_calls: Family::default(),
+            gitlab_cache_entries: Family::default(),
             registry: Registry::default(),
         };
         registry.register("webhooks", "Webhook requests by result", m.webhooks.clone());
@@ -169,6 +173,11 @@ impl Metrics {
             m.engine_forgeries.clone(),
         );
         registry.register("gitlab_calls", "Calls to GitLab by call and result", m.gitlab_calls.clone());
+        registry.register(
+            "gitlab_cache_entries",
+            "Entries in GitLab mode's bounded tables: refused tokens, peers presenting unknown tokens",
+            m.gitlab_cache_entries.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -190,6 +199,11 @@ impl Metrics {
     /// Counts a call to GitLab.
     pub fn gitlab_call(&self, call: &'static str, result: &'static str) {
         self.gitlab_calls.get_or_create(&CallLabel { call, result }).inc();
+    }
+
+    /// The size gauge of one of GitLab mode's bounded tables.
+    pub fn gitlab_cache(&self, name: &'static str) -> Gauge {
+        self.gitlab_cache_entries.get_or_create(&NameLabel { name }).clone()
     }
 
     /// The open-stream gauge of one RPC.

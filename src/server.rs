@@ -105,6 +105,11 @@ pub async fn serve(
     let secrets = Secrets::load(&config)?;
     if secrets.gitlab_jwt_key.is_none() {
         tracing::warn!("KAS_GITLAB_SECRET_FILE is not set: the GitLab-facing listener rejects every call");
+    } else if config.server_version.is_none() {
+        tracing::warn!(
+            version = crate::grpc::server_info::VERSION,
+            "KAS_SERVER_VERSION is not set: GitLab is told kas's own version, which its \"Connect a cluster\" page uses as agentk's image tag; set it to GitLab's version (e.g. v18.6.0)"
+        );
     }
     let token = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
