@@ -775,8 +775,8 @@ impl Engine for RedisEngine {
                 refresh = true;
             }
             // Without Redis, this replica's own registrations are what it knows.
-            let others = others_in_redis
-                .unwrap_or_else(|| local.keys().filter(|(agent, _)| *agent == pod.agent_id).count());
+            let others =
+                others_in_redis.unwrap_or_else(|| local.keys().filter(|(agent, _)| *agent == pod.agent_id).count());
             if !refresh && others >= max_per_agent {
                 return Err(TooManyPods { agent: pod.agent_id, limit: max_per_agent });
             }

@@ -361,9 +361,9 @@ impl GitLabClient {
                 }
             }
             let bucket = peers.entry(key).or_insert_with(|| Bucket::full(l.peer_burst));
-            bucket.take(l.peer_rate, l.peer_burst).map_err(|_| {
-                GitLabError::Overloaded("too many unknown agent tokens from this address")
-            })?;
+            bucket
+                .take(l.peer_rate, l.peer_burst)
+                .map_err(|_| GitLabError::Overloaded("too many unknown agent tokens from this address"))?;
             self.metrics.gitlab_cache("peers").set(peers.len() as i64);
         }
         self.unknown_rate
@@ -466,7 +466,12 @@ impl GitLabClient {
         }
     }
 
-    async fn agent_info_at(&self, path: AgentInfoPath, agent_token: &str, lane: Lane) -> Result<AgentInfo, GitLabError> {
+    async fn agent_info_at(
+        &self,
+        path: AgentInfoPath,
+        agent_token: &str,
+        lane: Lane,
+    ) -> Result<AgentInfo, GitLabError> {
         let request = self.internal(path.segments(), agent_token, path == AgentInfoPath::Kubernetes);
         match self.call("agent_info", lane, request, MAX_JSON_ANSWER).await? {
             (200, body) => {
@@ -588,9 +593,7 @@ async fn read_at_most(mut response: reqwest::Response, max: usize) -> Result<byt
         return Err(GitLabError::TooLarge(max));
     }
     let mut body = bytes::BytesMut::new();
-    while let Some(chunk) =
-        response.chunk().await.map_err(|e| GitLabError::Unavailable(e.without_url().to_string()))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(|e| GitLabError::Unavailable(e.without_url().to_string()))? {
         if body.len() + chunk.len() > max {
             return Err(GitLabError::TooLarge(max));
         }
@@ -675,7 +678,8 @@ mod tests {
         let delay = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let calls = Arc::new(AtomicUsize::new(0));
         let url = refusing_gitlab(delay.clone(), calls.clone()).await;
-        let limits = CallLimits { slots: 4, unknown_slots: 2, peer_rate: 0.5, peer_burst: 2.0, ..CallLimits::default() };
+        let limits =
+            CallLimits { slots: 4, unknown_slots: 2, peer_rate: 0.5, peer_burst: 2.0, ..CallLimits::default() };
         let c = client(&url, limits);
         assert_eq!(c.agent_info("t1", peer(1)).await, Err(GitLabError::Status(401)));
         assert_eq!(c.agent_info("t2", peer(1)).await, Err(GitLabError::Status(401)));

@@ -124,7 +124,10 @@ async fn serve(
         }
     };
     if let Some((pod_id, meta)) = &registration
-        && let Err(e) = app.engine.register_pod(pod_record(&app, &agent, *pod_id, meta.clone()), app.config.max_pods_per_agent).await
+        && let Err(e) = app
+            .engine
+            .register_pod(pod_record(&app, &agent, *pod_id, meta.clone()), app.config.max_pods_per_agent)
+            .await
     {
         let _ = tx.send(Err(super::too_many_pods(e))).await;
         return;
