@@ -1,5 +1,7 @@
 //! The measured scenarios and the report.
 
+mod gitlab_flood;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -83,6 +85,9 @@ pub async fn run(options: Options) -> Result<(), String> {
         }
         if wants("fanout-redis") {
             fanout(&ctx, &mut report, true).await?;
+        }
+        if wants("gitlab-flood") {
+            gitlab_flood::gitlab_flood(&ctx, &mut report).await?;
         }
         Ok::<(), String>(())
     };
