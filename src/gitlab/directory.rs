@@ -91,6 +91,10 @@ pub struct GitLabDirectory {
     refused: Mutex<Refusals>,
     access: Mutex<HashMap<(AgentId, String), Access>>,
     access_swept_at: Mutex<usize>,
+    /// One lookup per token at a time (by digest): agentk opens several calls at once with a new
+    /// token, and they wait for the first one's answer instead of each asking GitLab. Entries live
+    /// only while a lookup is in flight.
+    lookups: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -130,6 +134,7 @@ impl GitLabDirectory {
             refused: Mutex::new(Refusals::new(MAX_REFUSALS, gauge)),
             access: Mutex::default(),
             access_swept_at: Mutex::new(0),
+            lookups: Mutex::default(),
         }
     }
 
@@ -171,28 +176,83 @@ impl GitLabDirectory {
     }
 }
 
+/// A place in the line of lookups of one token; leaving it (also when the call is cancelled)
+/// removes the line once nobody else is in it.
+struct LookupTurn<'a> {
+    lookups: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    key: String,
+    gate: Arc<tokio::sync::Mutex<()>>,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<'a> LookupTurn<'a> {
+    fn enter(lookups: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>, key: &str) -> Self {
+        let gate = lookups.lock().expect("lookups lock").entry(key.to_owned()).or_default().clone();
+        Self { lookups, key: key.to_owned(), gate, held: None }
+    }
+
+    async fn wait(&mut self) {
+        self.held = Some(self.gate.clone().lock_owned().await);
+    }
+}
+
+impl Drop for LookupTurn<'_> {
+    fn drop(&mut self) {
+        self.held = None;
+        let mut lookups = self.lookups.lock().expect("lookups lock");
+        // Only the map's reference and this one left: nobody else is in line.
+        if Arc::strong_count(&self.gate) == 2 {
+            lookups.remove(&self.key);
+        }
+    }
+}
+
+/// What the caches say about a presented token.
+enum Cached {
+    /// Refused recently, or vouched for within the TTL.
+    Answer(Result<AgentIdentity, IdentityError>),
+    /// GitLab must be asked, in this lane.
+    Ask(Lane),
+}
+
+impl GitLabDirectory {
+    fn cached(&self, token: &AgentToken, key: &str, credential: i64, peer: Option<IpAddr>) -> Cached {
+        if let Some(kind) = self.refused.lock().expect("refused lock").get(key) {
+            return Cached::Answer(Err(kind.error()));
+        }
+        match self.known.lock().expect("known lock").get(&credential) {
+            Some(k) if k.token.expose() == token.expose() => {
+                if k.checked.elapsed() < self.ttl {
+                    Cached::Answer(Ok(k.identity.clone()))
+                } else {
+                    // GitLab vouched for it before: a known agent's, even if the answer is stale.
+                    Cached::Ask(Lane::Known)
+                }
+            }
+            _ => Cached::Ask(Lane::Unknown(peer)),
+        }
+    }
+}
+
 #[async_trait]
 impl AgentDirectory for GitLabDirectory {
     async fn authenticate(&self, token: &AgentToken, peer: Option<IpAddr>) -> Result<AgentIdentity, IdentityError> {
         let (key, credential) = token_key(token);
-        if let Some(kind) = self.refused.lock().expect("refused lock").get(&key) {
-            return Err(kind.error());
-        }
-        // A token GitLab vouched for before (even if that answer is stale) is a known agent's.
-        let mut lane = Lane::Unknown(peer);
-        if let Some(k) = self.known.lock().expect("known lock").get(&credential)
-            && k.token.expose() == token.expose()
-        {
-            if k.checked.elapsed() < self.ttl {
-                return Ok(k.identity.clone());
-            }
-            lane = Lane::Known;
-        }
+        let lane = match self.cached(token, &key, credential, peer) {
+            Cached::Answer(answer) => return answer,
+            Cached::Ask(lane) => lane,
+        };
         if self.engine.was_refused(&key).await {
             self.refused.lock().expect("refused lock").insert(key, RefusalKind::Unauthenticated);
             return Err(IdentityError::Unauthenticated);
         }
-        self.ask(token.expose(), &key, credential, lane).await
+        let mut turn = LookupTurn::enter(&self.lookups, &key);
+        turn.wait().await;
+        // A lookup of the same token that held the turn before may have answered meanwhile.
+        match self.cached(token, &key, credential, peer) {
+            Cached::Answer(answer) => answer,
+            Cached::Ask(_) => self.ask(token.expose(), &key, credential, lane).await,
+        }
     }
 
     async fn recheck(&self, credentials: &[i64]) -> Result<Rechecked, IdentityError> {
@@ -297,5 +357,23 @@ mod tests {
         assert!(r.get("c").is_none());
         assert_eq!(r.by_key.len(), 3);
         assert!(r.order.len() <= 4, "the order queue stays bounded too: {}", r.order.len());
+    }
+
+    #[tokio::test]
+    async fn the_lookup_line_is_removed_by_whoever_leaves_last() {
+        let lookups = Mutex::default();
+        let mut first = LookupTurn::enter(&lookups, "k");
+        first.wait().await;
+        {
+            // Cancelled while waiting behind the first.
+            let mut second = LookupTurn::enter(&lookups, "k");
+            assert!(tokio::time::timeout(Duration::from_millis(20), second.wait()).await.is_err());
+        }
+        let mut third = LookupTurn::enter(&lookups, "k");
+        drop(first);
+        third.wait().await;
+        assert_eq!(lookups.lock().unwrap().len(), 1);
+        drop(third);
+        assert!(lookups.lock().unwrap().is_empty());
     }
 }

@@ -149,6 +149,27 @@ async fn tokens_are_checked_with_gitlab_and_refusals_cached() {
     app.stop().await;
 }
 
+/// agentk opens several calls at once with a token kas does not know yet: GitLab is asked once,
+/// and the others get its answer (a good one or a refusal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_with_a_new_token_ask_gitlab_once() {
+    let db = TestDb::sqlite();
+    let (gitlab, app) = setup(&db, "5m").await;
+    gitlab.set_mode(Mode::Slow(Duration::from_millis(200)));
+    for (token, ok) in [(THIRD, true), ("glagent-nobody-knows-this-either", false)] {
+        let agent = TestAgent::connect(app.agent, token).await;
+        let opens = (0..10).map(|_| agent.open(&["team/config"]));
+        for result in futures::future::join_all(opens).await {
+            match result {
+                Ok(_) => assert!(ok, "{token}"),
+                Err(status) => assert!(!ok && status.code() == tonic::Code::Unauthenticated, "{token}: {status:?}"),
+            }
+        }
+        assert_eq!(gitlab.calls_with("agent_info", token).len(), 1, "{token}: one lookup for ten calls");
+    }
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_is_what_gitlab_says() {
     let db = TestDb::sqlite();
