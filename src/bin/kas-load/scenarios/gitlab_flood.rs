@@ -291,7 +291,7 @@ pub(super) async fn gitlab_flood(ctx: &Ctx, report: &mut Report) -> Result<(), S
             let codes: Vec<String> = codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
             report.add(
                 name,
-                "flood: random-token calls and their answers",
+                "flood: stranger calls and answers",
                 format!("{calls} in {:.1} s: {}", elapsed.as_secs_f64(), codes.join(", ")),
                 "none accepted",
                 Some(!codes.iter().any(|c| c.starts_with("ACCEPTED") || c.starts_with("error"))),
@@ -301,7 +301,7 @@ pub(super) async fn gitlab_flood(ctx: &Ctx, report: &mut Report) -> Result<(), S
             let budget = 20.0 + 10.0 * elapsed.as_secs_f64();
             report.add(
                 name,
-                "flood: strangers' lookups that reached GitLab",
+                "flood: stranger lookups reaching GitLab",
                 format!("{asked} ({:.1}/s)", asked as f64 / elapsed.as_secs_f64()),
                 &format!("≤ {budget:.0} (10/s per address, burst 20)"),
                 Some(asked as f64 <= budget + 2.0),
@@ -319,8 +319,12 @@ pub(super) async fn gitlab_flood(ctx: &Ctx, report: &mut Report) -> Result<(), S
     }
     report.add(
         name,
-        "GitLab calls for known agents (agent_info, access)",
-        format!("{}, {}", stand_in.known_calls.load(Ordering::Relaxed), stand_in.access_calls.load(Ordering::Relaxed)),
+        "GitLab calls for known agents",
+        format!(
+            "agent_info {}, verify_project_access {}",
+            stand_in.known_calls.load(Ordering::Relaxed),
+            stand_in.access_calls.load(Ordering::Relaxed)
+        ),
         "",
         None,
     );
