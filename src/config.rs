@@ -136,8 +136,6 @@ settings! {
     max_projects_per_stream => "KAS_MAX_PROJECTS_PER_STREAM",
     /// Largest ReconcileProjects request, in bytes (or with KiB/MiB) [default: 1MiB]
     max_reconcile_request => "KAS_MAX_RECONCILE_REQUEST",
-    /// Version answered to GitLab's GetServerInfo; GitLab uses it as the agentk image tag [default: kas's own]
-    server_version => "KAS_SERVER_VERSION",
     /// How long an agent that reconnects still gets what it missed [default: 15m]
     replay_window => "KAS_REPLAY_WINDOW",
     /// How long recorded push events are kept [default: 7d]
@@ -178,6 +176,12 @@ settings! {
     max_connections_agent => "KAS_MAX_CONNECTIONS_AGENT",
     /// Most connections the GitLab-facing listener holds at once; more are closed at once [default: 2048]
     max_connections_api => "KAS_MAX_CONNECTIONS_API",
+    /// Most pods one agent may have registered at once (AgentRegistrar, GetConfiguration) [default: 100]
+    max_pods_per_agent => "KAS_MAX_PODS_PER_AGENT",
+    /// Largest agent metadata (AgentMeta) one pod may register, in bytes (or with KiB/MiB) [default: 8KiB]
+    max_agent_meta => "KAS_MAX_AGENT_META",
+    /// Version answered to GitLab's ServerInfo (GitLab uses it as agentk's image tag): set it to GitLab's, e.g. v18.6.0 [default: kas's own]
+    server_version => "KAS_SERVER_VERSION",
 }
 
 /// The settings the registry commands need: where the database is.
@@ -232,8 +236,6 @@ pub struct Config {
     pub max_projects_per_stream: usize,
     /// Largest ReconcileProjects request in bytes.
     pub max_reconcile_request: usize,
-    /// Version answered to GitLab's GetServerInfo, when set.
-    pub server_version: Option<String>,
     /// Replay window for reconnecting agents.
     pub replay_window: Duration,
     /// Retention of the push-event log.
@@ -262,6 +264,12 @@ pub struct Config {
     pub gitlab_cache_ttl: Duration,
     /// Extra CA certificates (PEM) for GitLab's URL (GitLab-backed mode).
     pub gitlab_ca_file: Option<PathBuf>,
+    /// Most live pod registrations per agent.
+    pub max_pods_per_agent: usize,
+    /// Largest serialized `AgentMeta` a pod may register, in bytes.
+    pub max_agent_meta: usize,
+    /// The version `ServerInfo` answers instead of kas's own, when set.
+    pub server_version: Option<String>,
     /// Time a new connection has to complete its handshake.
     pub handshake_timeout: Duration,
     /// Idle time after which an HTTP/1.1 keep-alive connection is closed.
@@ -326,7 +334,6 @@ impl Settings {
             gitlab_secret_file: s.gitlab_secret_file.map(PathBuf::from),
             admin_secret_file: s.admin_secret_file.map(PathBuf::from),
             credential_grace: parse_duration_setting("credential_grace", s.credential_grace.as_deref(), "5m")?,
-            server_version: s.server_version.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()),
             max_streams_per_agent: parse_count("max_streams_per_agent", s.max_streams_per_agent.as_deref(), 2048)?,
             max_projects_per_stream: parse_count(
                 "max_projects_per_stream",
@@ -358,9 +365,27 @@ impl Settings {
                 agent: parse_count("max_connections_agent", s.max_connections_agent.as_deref(), 20_000)?,
                 api: parse_count("max_connections_api", s.max_connections_api.as_deref(), 2048)?,
             },
+            max_pods_per_agent: parse_count("max_pods_per_agent", s.max_pods_per_agent.as_deref(), 100)?,
+            max_agent_meta: parse_size("max_agent_meta", s.max_agent_meta.as_deref().unwrap_or("8KiB"))?,
+            server_version: s.server_version.map(|v| parse_server_version(&v)).transpose()?,
         };
         config.check_consistency()?;
         Ok(config)
+    }
+}
+
+/// A version GitLab can use as a container image tag (`[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`),
+/// which is what it does with the one `ServerInfo` answers.
+fn parse_server_version(raw: &str) -> Result<String, ConfigError> {
+    let v = raw.trim();
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && !v.starts_with(['.', '-'])
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(invalid("server_version", format!("{raw:?} is not a version usable as an image tag, e.g. v18.6.0")))
     }
 }
 
@@ -561,6 +586,10 @@ mod tests {
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.http_idle_timeout, Duration::from_secs(60));
         assert_eq!(c.max_connections, MaxConnections { http: 4096, agent: 20_000, api: 2048 });
+        assert_eq!((c.max_pods_per_agent, c.max_agent_meta), (100, 8192));
+        assert_eq!(c.server_version, None);
+        let c = settings(&[("server_version", "v18.6.0")]).resolve().unwrap();
+        assert_eq!(c.server_version.as_deref(), Some("v18.6.0"));
     }
 
     #[test]
@@ -595,6 +624,10 @@ mod tests {
             ("max_connections_agent", "0", "--max-connections-agent (KAS_MAX_CONNECTIONS_AGENT)"),
             ("max_connections_http", "lots", "KAS_MAX_CONNECTIONS_HTTP"),
             ("max_connections_api", "2000000", "KAS_MAX_CONNECTIONS_API"),
+            ("max_pods_per_agent", "0", "KAS_MAX_PODS_PER_AGENT"),
+            ("max_agent_meta", "12", "KAS_MAX_AGENT_META"),
+            ("server_version", "v18.6.0 beta", "KAS_SERVER_VERSION"),
+            ("server_version", "-v18", "KAS_SERVER_VERSION"),
         ] {
             let err = settings(&[(key, value)]).resolve().unwrap_err().to_string();
             assert!(err.contains(needle), "{key}={value}: {err}");

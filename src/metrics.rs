@@ -26,7 +26,8 @@ pub struct NameLabel {
 pub struct CallLabel {
     /// The call.
     pub call: &'static str,
-    /// ok, refused (4xx) or error.
+    /// ok, refused (4xx), error, too_large (answer over kas's limit) or shed (kas's own limits:
+    /// GitLab was not asked).
     pub result: &'static str,
 }
 
@@ -75,6 +76,8 @@ pub struct Metrics {
     pub engine_forgeries: Counter,
     /// Calls to GitLab by call and result.
     pub gitlab_calls: Family<CallLabel, Counter>,
+    /// Entries in the GitLab mode's bounded tables (refusals, peers).
+    pub gitlab_cache_entries: Family<NameLabel, Gauge>,
     /// Open connections by listener.
     pub connections_open: Family<NameLabel, Gauge>,
     /// Connections closed at once because their listener was at its cap, by listener.
@@ -130,6 +133,7 @@ impl Metrics {
             connections_open: Family::default(),
             connections_refused: Family::default(),
             handshakes_failed: Family::default(),
+            gitlab_cache_entries: Family::default(),
             registry: Registry::default(),
         };
         registry.register("webhooks", "Webhook requests by result", m.webhooks.clone());
@@ -200,6 +204,11 @@ impl Metrics {
             "Connections closed before completing their handshake (timeout or malformed)",
             m.handshakes_failed.clone(),
         );
+        registry.register(
+            "gitlab_cache_entries",
+            "Entries in GitLab mode's bounded tables: refused tokens, peers presenting unknown tokens",
+            m.gitlab_cache_entries.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -221,6 +230,11 @@ impl Metrics {
     /// Counts a call to GitLab.
     pub fn gitlab_call(&self, call: &'static str, result: &'static str) {
         self.gitlab_calls.get_or_create(&CallLabel { call, result }).inc();
+    }
+
+    /// The size gauge of one of GitLab mode's bounded tables.
+    pub fn gitlab_cache(&self, name: &'static str) -> Gauge {
+        self.gitlab_cache_entries.get_or_create(&NameLabel { name }).clone()
     }
 
     /// The open-stream gauge of one RPC.

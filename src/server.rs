@@ -105,6 +105,11 @@ pub async fn serve(
     let secrets = Secrets::load(&config)?;
     if secrets.gitlab_jwt_key.is_none() {
         tracing::warn!("KAS_GITLAB_SECRET_FILE is not set: the GitLab-facing listener rejects every call");
+    } else if config.server_version.is_none() {
+        tracing::warn!(
+            version = crate::grpc::server_info::VERSION,
+            "KAS_SERVER_VERSION is not set: GitLab is told kas's own version, which its \"Connect a cluster\" page uses as agentk's image tag; set it to GitLab's version (e.g. v18.6.0)"
+        );
     }
     let token = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
@@ -154,12 +159,6 @@ pub async fn serve(
         Outbox::start(store.clone(), engine.clone(), local, metrics.clone(), config.event_retention);
     let writers = if config.store.database_url.expose().starts_with("sqlite:") { 1 } else { 4 };
     let intake = Intake::start(store.clone(), outbox.clone(), metrics.clone(), writers);
-    if config.server_version.is_none() && secrets.gitlab_jwt_key.is_some() {
-        tracing::warn!(
-            "KAS_SERVER_VERSION is not set: GitLab's \"Connect a cluster\" command will name agentk {} (kas's own version); set it to your GitLab's version, e.g. v18.6.0",
-            env!("CARGO_PKG_VERSION")
-        );
-    }
     if config.gitlab_external_url.is_none() {
         tracing::warn!(
             "KAS_GITLAB_EXTERNAL_URL is not set: agents get an empty gitlab_external_url, so Flux never gets Receivers for GitLab's repositories"

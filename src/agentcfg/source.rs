@@ -31,6 +31,9 @@ pub enum ConfigSourceError {
     /// The source cannot answer now.
     #[error("cannot read the agent configuration: {0}")]
     Unavailable(String),
+    /// The file is there but cannot be used (over 128 KiB).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A source of agent configuration files.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{ConnectionRecord, Engine, EngineContext, EngineError, PodFilter, PodRecord};
+use super::{ConnectionRecord, Engine, EngineContext, EngineError, PodFilter, PodRecord, TooManyPods};
 use crate::domain::AgentId;
 use crate::store::{DeliveryPosition, PushNotice, now_ms};
 
@@ -58,14 +58,17 @@ impl Engine for MemoryEngine {
         Ok(all)
     }
 
-    async fn register_pod(&self, mut pod: PodRecord) {
+    async fn register_pod(&self, mut pod: PodRecord, max_per_agent: usize) -> Result<(), TooManyPods> {
         let mut pods = self.pods.lock().expect("pods lock");
         let now = now_ms();
         pods.retain(|_, p| p.expires_at > now);
         if let Some(existing) = pods.get(&(pod.agent_id, pod.pod_id)) {
             pod.connected_at = existing.connected_at;
+        } else if pods.keys().filter(|(agent, _)| *agent == pod.agent_id).count() >= max_per_agent {
+            return Err(TooManyPods { agent: pod.agent_id, limit: max_per_agent });
         }
         pods.insert((pod.agent_id, pod.pod_id), pod);
+        Ok(())
     }
 
     async fn unregister_pod(&self, agent: AgentId, pod_id: i64) {

@@ -111,6 +111,16 @@ pub struct PodRecord {
     pub expires_at: i64,
 }
 
+/// An agent already has as many live pod registrations as it may.
+#[derive(Debug, thiserror::Error)]
+#[error("agent {agent} already has {limit} pods registered")]
+pub struct TooManyPods {
+    /// The agent.
+    pub agent: AgentId,
+    /// The limit it reached.
+    pub limit: usize,
+}
+
 /// Which registrations to list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PodFilter {
@@ -171,8 +181,9 @@ pub trait Engine: Send + Sync + 'static {
     /// Every open stream on every live replica.
     async fn connections(&self) -> Result<Vec<ConnectionRecord>, EngineError>;
     /// Records (or refreshes) a pod registration, keeping the first `connected_at`; best effort:
-    /// a registration that cannot reach Redis is written by the next heartbeat.
-    async fn register_pod(&self, pod: PodRecord);
+    /// a registration that cannot reach Redis is written by the next heartbeat. A new pod of an
+    /// agent that already has `max_per_agent` live registrations is refused (a refresh never is).
+    async fn register_pod(&self, pod: PodRecord, max_per_agent: usize) -> Result<(), TooManyPods>;
     /// Forgets a registration.
     async fn unregister_pod(&self, agent: AgentId, pod_id: i64);
     /// Live registrations.

@@ -35,7 +35,7 @@ use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServer
 use redis::{AsyncConnectionConfig, Client, FromRedisValue, Pipeline, RedisConnectionInfo};
 use serde::{Deserialize, Serialize};
 
-use super::{ConnectionRecord, Engine, EngineContext, EngineError, PodFilter, PodRecord};
+use super::{ConnectionRecord, Engine, EngineContext, EngineError, PodFilter, PodRecord, TooManyPods};
 use crate::config::Secret;
 use crate::domain::AgentId;
 use crate::metrics::Metrics;
@@ -760,26 +760,57 @@ impl Engine for RedisEngine {
         Ok(all)
     }
 
-    async fn register_pod(&self, mut pod: PodRecord) {
+    async fn register_pod(&self, mut pod: PodRecord, max_per_agent: usize) -> Result<(), TooManyPods> {
         let key = self.keys.agent_pods(pod.agent_id);
+        let now = now_ms();
+        // The agent's registrations on every replica: the live ones count against the limit,
+        // the expired ones are removed (the table's own TTL is renewed by every registration,
+        // so a pod that stopped without unregistering would otherwise stay in it).
+        let mut refresh = false;
+        let mut others_in_redis = None;
+        let mut expired = Vec::new();
         if self.available().is_ok() {
             let mut pipe = redis::pipe();
-            pipe.cmd("HGET").arg(&key).arg(pod.pod_id);
-            if let Ok((Some(existing),)) = self.run::<(Option<String>,)>(&pipe).await
-                && let Ok(existing) = serde_json::from_str::<PodRecord>(&existing)
-            {
-                pod.connected_at = existing.connected_at;
+            pipe.cmd("HGETALL").arg(&key);
+            if let Ok((table,)) = self.run::<(HashMap<i64, String>,)>(&pipe).await {
+                let mut others = 0;
+                for (pod_id, json) in table {
+                    match serde_json::from_str::<PodRecord>(&json) {
+                        Ok(p) if p.expires_at > now && pod_id == pod.pod_id => {
+                            pod.connected_at = p.connected_at;
+                            refresh = true;
+                        }
+                        Ok(p) if p.expires_at > now => others += 1,
+                        _ => expired.push(pod_id),
+                    }
+                }
+                others_in_redis = Some(others);
             }
         }
-        if let Some(existing) = self.local_pods.lock().expect("pods lock").get(&(pod.agent_id, pod.pod_id)) {
-            pod.connected_at = pod.connected_at.min(existing.connected_at);
+        {
+            let mut local = self.local_pods.lock().expect("pods lock");
+            local.retain(|_, p| p.expires_at > now);
+            if let Some(existing) = local.get(&(pod.agent_id, pod.pod_id)) {
+                pod.connected_at = pod.connected_at.min(existing.connected_at);
+                refresh = true;
+            }
+            // Without Redis, this replica's own registrations are what it knows.
+            let others =
+                others_in_redis.unwrap_or_else(|| local.keys().filter(|(agent, _)| *agent == pod.agent_id).count());
+            if !refresh && others >= max_per_agent {
+                return Err(TooManyPods { agent: pod.agent_id, limit: max_per_agent });
+            }
+            local.insert((pod.agent_id, pod.pod_id), pod.clone());
         }
-        self.local_pods.lock().expect("pods lock").insert((pod.agent_id, pod.pod_id), pod.clone());
         let mut pipe = redis::pipe();
+        if !expired.is_empty() {
+            pipe.cmd("HDEL").arg(&key).arg(&expired).ignore();
+        }
         self.write_pod(&mut pipe, &pod);
         if self.available().is_err() || self.run::<()>(&pipe).await.is_err() {
             self.rewrite_connections.store(true, Ordering::Relaxed);
         }
+        Ok(())
     }
 
     async fn unregister_pod(&self, agent: AgentId, pod_id: i64) {

@@ -51,7 +51,13 @@ impl ConfigSource for GitLabConfigSource {
         };
         let project = agent.config_project_id.expect("checked by head()");
         let path = crate::agentcfg::file_path(&agent.name);
-        let text = self.client.file(project, &path, &head).await.map_err(unavailable)?.unwrap_or_default();
+        let text = match self.client.file(project, &path, &head).await {
+            Ok(text) => text.unwrap_or_default(),
+            Err(GitLabError::TooLarge(limit)) => {
+                return Err(ConfigSourceError::Invalid(format!("{path} is larger than {limit} bytes")));
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
         Ok(ConfigSnapshot { text, version: head.clone(), commit_id: Some(head) })
     }
 

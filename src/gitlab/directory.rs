@@ -3,6 +3,9 @@
 //! - Identity: a presented token is checked with GitLab's `agent_info`. Good answers are cached
 //!   for the cache TTL on this replica; refusals (401/403/404) for a minute on every replica
 //!   (through the engine), so a flood of bad tokens does not become a flood of GitLab calls.
+//!   The refusal cache is bounded (`MAX_REFUSALS`, oldest first out). A token this replica does
+//!   not know is looked up in the client's `Lane::Unknown` (a small share of GitLab, limited per
+//!   peer address, failing at once when used up), so strangers never delay known agents.
 //! - "Connected": GitLab shows an agent as connected while its token was used within 8 minutes.
 //!   The credential re-check of open streams refreshes each token's `agent_info` once its cached
 //!   answer is older than the TTL (5 minutes by default), and no more often; a token GitLab now
@@ -12,13 +15,14 @@
 //!   push shows the project's visibility changed. When GitLab cannot answer, nothing is sent and
 //!   the notification waits and is retried: fail closed, never dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::client::{GitLabClient, GitLabError};
+use super::client::{GitLabClient, GitLabError, Lane};
 use crate::config::Secret;
 use crate::domain::{AgentId, AgentToken};
 use crate::engine::Engine;
@@ -26,6 +30,45 @@ use crate::identity::{AgentDirectory, AgentIdentity, IdentityError, Rechecked};
 
 /// How long a refusal is remembered, as upstream.
 const REFUSAL_TTL: Duration = Duration::from_secs(60);
+/// Refusals remembered at once on this replica. Lookups of unknown tokens are rate-limited, so
+/// a minute of them stays far below this; the cap holds whatever the limits are.
+const MAX_REFUSALS: usize = 10_000;
+
+/// Recently refused tokens (by digest), bounded in size and age. Every entry lives the same
+/// TTL, so insertion order is expiry order: the oldest go first, whether expired or evicted.
+struct Refusals {
+    by_key: HashMap<String, (Instant, RefusalKind)>,
+    order: VecDeque<(Instant, String)>,
+    cap: usize,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Refusals {
+    fn new(cap: usize, gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self { by_key: HashMap::new(), order: VecDeque::new(), cap, gauge }
+    }
+
+    fn get(&self, key: &str) -> Option<RefusalKind> {
+        self.by_key.get(key).filter(|(at, _)| at.elapsed() < REFUSAL_TTL).map(|(_, kind)| *kind)
+    }
+
+    fn insert(&mut self, key: String, kind: RefusalKind) {
+        let now = Instant::now();
+        self.by_key.insert(key.clone(), (now, kind));
+        self.order.push_back((now, key));
+        while let Some((at, _)) = self.order.front() {
+            if at.elapsed() < REFUSAL_TTL && self.by_key.len() <= self.cap {
+                break;
+            }
+            let (at, key) = self.order.pop_front().expect("front exists");
+            // A key refused again since has a newer entry further back: keep it.
+            if self.by_key.get(&key).is_some_and(|(t, _)| *t == at) {
+                self.by_key.remove(&key);
+            }
+        }
+        self.gauge.set(self.by_key.len() as i64);
+    }
+}
 
 struct Known {
     token: Secret<String>,
@@ -45,9 +88,13 @@ pub struct GitLabDirectory {
     engine: Arc<dyn Engine>,
     ttl: Duration,
     known: Mutex<HashMap<i64, Known>>,
-    refused: Mutex<HashMap<String, (Instant, RefusalKind)>>,
+    refused: Mutex<Refusals>,
     access: Mutex<HashMap<(AgentId, String), Access>>,
     access_swept_at: Mutex<usize>,
+    /// One lookup per token at a time (by digest): agentk opens several calls at once with a new
+    /// token, and they wait for the first one's answer instead of each asking GitLab. Entries live
+    /// only while a lookup is in flight.
+    lookups: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -78,14 +125,16 @@ fn token_key(token: &AgentToken) -> (String, i64) {
 impl GitLabDirectory {
     /// A directory asking `client`, caching good answers for `ttl`.
     pub fn new(client: Arc<GitLabClient>, engine: Arc<dyn Engine>, ttl: Duration) -> Self {
+        let gauge = client.metrics().gitlab_cache("refusals");
         Self {
             client,
             engine,
             ttl,
             known: Mutex::default(),
-            refused: Mutex::default(),
+            refused: Mutex::new(Refusals::new(MAX_REFUSALS, gauge)),
             access: Mutex::default(),
             access_swept_at: Mutex::new(0),
+            lookups: Mutex::default(),
         }
     }
 
@@ -95,15 +144,15 @@ impl GitLabDirectory {
     }
 
     async fn refuse(&self, key: &str, kind: RefusalKind) -> IdentityError {
-        self.refused.lock().expect("refused lock").insert(key.to_owned(), (Instant::now(), kind));
+        self.refused.lock().expect("refused lock").insert(key.to_owned(), kind);
         if matches!(kind, RefusalKind::Unauthenticated) {
             self.engine.remember_refusal(key, REFUSAL_TTL).await;
         }
         kind.error()
     }
 
-    async fn ask(&self, token: &str, key: &str, credential: i64) -> Result<AgentIdentity, IdentityError> {
-        match self.client.agent_info(token).await {
+    async fn ask(&self, token: &str, key: &str, credential: i64, lane: Lane) -> Result<AgentIdentity, IdentityError> {
+        match self.client.agent_info(token, lane).await {
             Ok(info) => {
                 let identity = AgentIdentity {
                     id: info.agent_id,
@@ -127,26 +176,83 @@ impl GitLabDirectory {
     }
 }
 
+/// A place in the line of lookups of one token; leaving it (also when the call is cancelled)
+/// removes the line once nobody else is in it.
+struct LookupTurn<'a> {
+    lookups: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    key: String,
+    gate: Arc<tokio::sync::Mutex<()>>,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<'a> LookupTurn<'a> {
+    fn enter(lookups: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>, key: &str) -> Self {
+        let gate = lookups.lock().expect("lookups lock").entry(key.to_owned()).or_default().clone();
+        Self { lookups, key: key.to_owned(), gate, held: None }
+    }
+
+    async fn wait(&mut self) {
+        self.held = Some(self.gate.clone().lock_owned().await);
+    }
+}
+
+impl Drop for LookupTurn<'_> {
+    fn drop(&mut self) {
+        self.held = None;
+        let mut lookups = self.lookups.lock().expect("lookups lock");
+        // Only the map's reference and this one left: nobody else is in line.
+        if Arc::strong_count(&self.gate) == 2 {
+            lookups.remove(&self.key);
+        }
+    }
+}
+
+/// What the caches say about a presented token.
+enum Cached {
+    /// Refused recently, or vouched for within the TTL.
+    Answer(Result<AgentIdentity, IdentityError>),
+    /// GitLab must be asked, in this lane.
+    Ask(Lane),
+}
+
+impl GitLabDirectory {
+    fn cached(&self, token: &AgentToken, key: &str, credential: i64, peer: Option<IpAddr>) -> Cached {
+        if let Some(kind) = self.refused.lock().expect("refused lock").get(key) {
+            return Cached::Answer(Err(kind.error()));
+        }
+        match self.known.lock().expect("known lock").get(&credential) {
+            Some(k) if k.token.expose() == token.expose() => {
+                if k.checked.elapsed() < self.ttl {
+                    Cached::Answer(Ok(k.identity.clone()))
+                } else {
+                    // GitLab vouched for it before: a known agent's, even if the answer is stale.
+                    Cached::Ask(Lane::Known)
+                }
+            }
+            _ => Cached::Ask(Lane::Unknown(peer)),
+        }
+    }
+}
+
 #[async_trait]
 impl AgentDirectory for GitLabDirectory {
-    async fn authenticate(&self, token: &AgentToken) -> Result<AgentIdentity, IdentityError> {
+    async fn authenticate(&self, token: &AgentToken, peer: Option<IpAddr>) -> Result<AgentIdentity, IdentityError> {
         let (key, credential) = token_key(token);
-        if let Some((at, kind)) = self.refused.lock().expect("refused lock").get(&key).copied()
-            && at.elapsed() < REFUSAL_TTL
-        {
-            return Err(kind.error());
-        }
-        if let Some(k) = self.known.lock().expect("known lock").get(&credential)
-            && k.checked.elapsed() < self.ttl
-            && k.token.expose() == token.expose()
-        {
-            return Ok(k.identity.clone());
-        }
+        let lane = match self.cached(token, &key, credential, peer) {
+            Cached::Answer(answer) => return answer,
+            Cached::Ask(lane) => lane,
+        };
         if self.engine.was_refused(&key).await {
-            self.refused.lock().expect("refused lock").insert(key, (Instant::now(), RefusalKind::Unauthenticated));
+            self.refused.lock().expect("refused lock").insert(key, RefusalKind::Unauthenticated);
             return Err(IdentityError::Unauthenticated);
         }
-        self.ask(token.expose(), &key, credential).await
+        let mut turn = LookupTurn::enter(&self.lookups, &key);
+        turn.wait().await;
+        // A lookup of the same token that held the turn before may have answered meanwhile.
+        match self.cached(token, &key, credential, peer) {
+            Cached::Answer(answer) => answer,
+            Cached::Ask(_) => self.ask(token.expose(), &key, credential, lane).await,
+        }
     }
 
     async fn recheck(&self, credentials: &[i64]) -> Result<Rechecked, IdentityError> {
@@ -165,7 +271,7 @@ impl AgentDirectory for GitLabDirectory {
         for (credential, token) in due {
             let Some(presented) = AgentToken::from_presented(token.expose()) else { continue };
             let (key, _) = token_key(&presented);
-            match self.ask(token.expose(), &key, credential).await {
+            match self.ask(token.expose(), &key, credential, Lane::Known).await {
                 Ok(_) => {}
                 Err(IdentityError::Unavailable(e)) => {
                     // GitLab cannot say: the stream stays within the credential grace; the next
@@ -227,5 +333,47 @@ impl AgentDirectory for GitLabDirectory {
         }
         access.insert(key, Access { allowed, world_readable, checked: Instant::now() });
         Ok(allowed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_bounded_oldest_first() {
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        let mut r = Refusals::new(3, gauge.clone());
+        for key in ["a", "b", "c", "d"] {
+            r.insert(key.into(), RefusalKind::Unauthenticated);
+        }
+        assert_eq!((r.by_key.len(), gauge.get()), (3, 3));
+        assert!(r.get("a").is_none(), "the oldest left first");
+        assert!(r.get("d").is_some());
+        // Refused again: its newer entry outlives the older one's eviction.
+        r.insert("b".into(), RefusalKind::NotFound);
+        r.insert("e".into(), RefusalKind::Unauthenticated);
+        assert!(matches!(r.get("b"), Some(RefusalKind::NotFound)));
+        assert!(r.get("c").is_none());
+        assert_eq!(r.by_key.len(), 3);
+        assert!(r.order.len() <= 4, "the order queue stays bounded too: {}", r.order.len());
+    }
+
+    #[tokio::test]
+    async fn the_lookup_line_is_removed_by_whoever_leaves_last() {
+        let lookups = Mutex::default();
+        let mut first = LookupTurn::enter(&lookups, "k");
+        first.wait().await;
+        {
+            // Cancelled while waiting behind the first.
+            let mut second = LookupTurn::enter(&lookups, "k");
+            assert!(tokio::time::timeout(Duration::from_millis(20), second.wait()).await.is_err());
+        }
+        let mut third = LookupTurn::enter(&lookups, "k");
+        drop(first);
+        third.wait().await;
+        assert_eq!(lookups.lock().unwrap().len(), 1);
+        drop(third);
+        assert!(lookups.lock().unwrap().is_empty());
     }
 }

@@ -50,7 +50,7 @@ impl AgentConfiguration for ConfigurationService {
         request: Request<ConfigurationRequest>,
     ) -> Result<Response<ResponseStream>, Status> {
         let app = self.app.clone();
-        let agent = super::authenticate_agent(&app, request.metadata()).await?;
+        let agent = super::authenticate_agent(&app, request.metadata(), request.extensions()).await?;
         let closing = super::closing(&app, request.extensions());
         let request = request.into_inner();
         // Registration on this stream, as upstream does, only for agents that send who they are
@@ -60,7 +60,7 @@ impl AgentConfiguration for ConfigurationService {
             (Some(raw), false) => {
                 let mut id = [0u8; 8];
                 getrandom::fill(&mut id).expect("random source");
-                Some(((i64::from_le_bytes(id) & i64::MAX).max(1), meta_record(raw)?))
+                Some(((i64::from_le_bytes(id) & i64::MAX).max(1), meta_record(raw, app.config.max_agent_meta)?))
             }
             _ => None,
         };
@@ -72,9 +72,16 @@ impl AgentConfiguration for ConfigurationService {
 }
 
 /// Reads agentk's `AgentMeta` (sent as bytes, see proto/README.md) for the connection state,
-/// keeping the bytes themselves so fields kas does not know reach GitLab unchanged.
-pub(crate) fn meta_record(raw: &[u8]) -> Result<AgentMetaRecord, Status> {
+/// keeping the bytes themselves so fields kas does not know reach GitLab unchanged. At most
+/// `max_bytes` are kept per pod: the record lives in memory and in Redis for every replica.
+pub(crate) fn meta_record(raw: &[u8], max_bytes: usize) -> Result<AgentMetaRecord, Status> {
     use base64::Engine as _;
+    if raw.len() > max_bytes {
+        return Err(Status::invalid_argument(format!(
+            "agent_meta is {} bytes; at most {max_bytes} are accepted",
+            raw.len()
+        )));
+    }
     let meta = AgentMeta::decode(raw).map_err(|e| Status::invalid_argument(format!("agent_meta: {e}")))?;
     Ok(AgentMetaRecord {
         version: meta.version,
@@ -116,8 +123,14 @@ async fn serve(
             return;
         }
     };
-    if let Some((pod_id, meta)) = &registration {
-        app.engine.register_pod(pod_record(&app, &agent, *pod_id, meta.clone())).await;
+    if let Some((pod_id, meta)) = &registration
+        && let Err(e) = app
+            .engine
+            .register_pod(pod_record(&app, &agent, *pod_id, meta.clone()), app.config.max_pods_per_agent)
+            .await
+    {
+        let _ = tx.send(Err(super::too_many_pods(e))).await;
+        return;
     }
     let mut refresh =
         tokio::time::interval_at(tokio::time::Instant::now() + REGISTRATION_REFRESH, REGISTRATION_REFRESH);
@@ -129,6 +142,7 @@ async fn serve(
                 let status = match e {
                     ConfigSourceError::NotFound(m) => Status::not_found(m),
                     ConfigSourceError::Unavailable(m) => Status::unavailable(m),
+                    ConfigSourceError::Invalid(m) => Status::failed_precondition(m),
                 };
                 let _ = tx.send(Err(status)).await;
                 break;
@@ -161,7 +175,11 @@ async fn serve(
                 _ = tx.closed() => break false,
                 _ = refresh.tick() => {
                     if let Some((pod_id, meta)) = &registration {
-                        app.engine.register_pod(pod_record(&app, &agent, *pod_id, meta.clone())).await;
+                        // A refresh of a pod already registered is never refused.
+                        let pod = pod_record(&app, &agent, *pod_id, meta.clone());
+                        if let Err(e) = app.engine.register_pod(pod, app.config.max_pods_per_agent).await {
+                            tracing::warn!(agent = agent.id, error = %e, "cannot refresh a pod registration");
+                        }
                     }
                 }
             }

@@ -41,6 +41,7 @@ impl ConfigurationProject for ConfigurationProjectService {
         let names = self.app.config_watch.source().config_files(&project).await.map_err(|e| match e {
             ConfigSourceError::NotFound(m) => Status::not_found(m),
             ConfigSourceError::Unavailable(m) => Status::unavailable(m),
+            ConfigSourceError::Invalid(m) => Status::failed_precondition(m),
         })?;
         let config_files = names
             .into_iter()

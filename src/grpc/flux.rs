@@ -78,7 +78,7 @@ impl GitLabFlux for FluxService {
         request: Request<ReconcileProjectsRequest>,
     ) -> Result<Response<ResponseStream>, Status> {
         let app = &self.app;
-        let agent = super::authenticate_agent(app, request.metadata()).await?;
+        let agent = super::authenticate_agent(app, request.metadata(), request.extensions()).await?;
         let projects =
             validate(request.get_ref(), app.config.max_projects_per_stream, app.config.max_reconcile_request)?;
         let closing = super::closing(app, request.extensions());

@@ -78,10 +78,17 @@ impl From<IdentityError> for Status {
     }
 }
 
-/// Authenticates the agent token in `authorization: Bearer …`, before anything is sent.
-pub(crate) async fn authenticate_agent(app: &App, metadata: &MetadataMap) -> Result<AgentIdentity, Status> {
+/// Authenticates the agent token in `authorization: Bearer …`, before anything is sent. The
+/// peer's address (from the connection) lets the directory limit lookups of unknown tokens per
+/// peer.
+pub(crate) async fn authenticate_agent(
+    app: &App,
+    metadata: &MetadataMap,
+    extensions: &http::Extensions,
+) -> Result<AgentIdentity, Status> {
+    let peer = extensions.get::<crate::listener::ConnectionInfo>().map(|c| c.remote.ip());
     let result = match bearer(metadata).map(AgentToken::from_presented) {
-        Ok(Some(token)) => app.directory.authenticate(&token).await.map_err(Status::from),
+        Ok(Some(token)) => app.directory.authenticate(&token, peer).await.map_err(Status::from),
         Ok(None) => Err(Status::unauthenticated("empty agent token")),
         Err(status) => Err(status),
     };
@@ -172,6 +179,12 @@ pub(crate) fn closing(app: &App, extensions: &http::Extensions) -> tokio_util::s
 /// An agent over its stream limit.
 pub(crate) fn too_many(e: crate::delivery::TooManyStreams) -> Status {
     tracing::warn!(agent = e.agent, limit = e.limit, "refusing a stream: the agent holds as many as it may");
+    Status::resource_exhausted(e.to_string())
+}
+
+/// An agent over its pod registration limit.
+pub(crate) fn too_many_pods(e: crate::engine::TooManyPods) -> Status {
+    tracing::warn!(agent = e.agent, limit = e.limit, "refusing a pod registration: the agent has as many as it may");
     Status::resource_exhausted(e.to_string())
 }
 

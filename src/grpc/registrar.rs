@@ -26,22 +26,23 @@ impl RegistrarService {
 impl AgentRegistrar for RegistrarService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let app = &self.app;
-        let agent = super::authenticate_agent(app, request.metadata()).await?;
+        let agent = super::authenticate_agent(app, request.metadata(), request.extensions()).await?;
         let request = request.into_inner();
         let raw = request.agent_meta.ok_or_else(|| Status::invalid_argument("agent_meta is required"))?;
         if request.pod_id == 0 {
             return Err(Status::invalid_argument("pod_id is required"));
         }
-        let meta = super::configuration::meta_record(&raw)?;
+        let meta = super::configuration::meta_record(&raw, app.config.max_agent_meta)?;
         let pod_name = meta.pod_name.clone();
-        app.engine.register_pod(super::configuration::pod_record(app, &agent, request.pod_id, meta)).await;
+        let pod = super::configuration::pod_record(app, &agent, request.pod_id, meta);
+        app.engine.register_pod(pod, app.config.max_pods_per_agent).await.map_err(super::too_many_pods)?;
         tracing::debug!(agent = agent.id, pod = request.pod_id, %pod_name, "agent pod registered");
         Ok(Response::new(RegisterResponse {}))
     }
 
     async fn unregister(&self, request: Request<UnregisterRequest>) -> Result<Response<UnregisterResponse>, Status> {
         let app = &self.app;
-        let agent = super::authenticate_agent(app, request.metadata()).await?;
+        let agent = super::authenticate_agent(app, request.metadata(), request.extensions()).await?;
         let request = request.into_inner();
         if request.pod_id == 0 {
             return Err(Status::invalid_argument("pod_id is required"));

@@ -1,5 +1,5 @@
 //! `ServerInfo/GetServerInfo` (GitLab-facing, JWT): GitLab Rails 17/18 asks the agent server for
-//! its version and the git ref it was built from.
+//! its version and the git ref it was built from. The version is `KAS_SERVER_VERSION` when set.
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use crate::app::App;
 use crate::proto::server_info::rpc::server_info_server::ServerInfo;
 use crate::proto::server_info::rpc::{CurrentServerInfo, GetServerInfoRequest, GetServerInfoResponse};
 
-/// kas's version (the crate's).
+/// kas's version (the crate's), answered when `KAS_SERVER_VERSION` is not set.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The git ref kas was built from (set by `build.rs`; "unknown" outside a git checkout).
 pub const GIT_REF: &str = env!("KAS_GIT_REF");
@@ -33,10 +33,10 @@ impl ServerInfo for ServerInfoService {
         request: Request<GetServerInfoRequest>,
     ) -> Result<Response<GetServerInfoResponse>, Status> {
         super::authorize_gitlab(&self.app, request.metadata())?;
-        // GitLab puts this version into its "Connect a cluster" install command as agentk's image
-        // tag, so operators set KAS_SERVER_VERSION to their GitLab's version.
-        let version = self.app.config.server_version.clone().unwrap_or_else(|| VERSION.into());
-        let current_server_info = CurrentServerInfo { version, git_ref: GIT_REF.into() };
+        // GitLab uses the version as agentk's image tag in its install instructions, so admins
+        // set it to GitLab's own (KAS_SERVER_VERSION); kas's crate version names no agentk image.
+        let version = self.app.config.server_version.as_deref().unwrap_or(VERSION);
+        let current_server_info = CurrentServerInfo { version: version.into(), git_ref: GIT_REF.into() };
         Ok(Response::new(GetServerInfoResponse { current_server_info: Some(current_server_info) }))
     }
 }

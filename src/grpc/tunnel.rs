@@ -38,7 +38,7 @@ impl ReverseTunnel for TunnelService {
 
     async fn connect(&self, request: Request<Streaming<ConnectRequest>>) -> Result<Response<ConnectStream>, Status> {
         let app = &self.app;
-        let agent = super::authenticate_agent(app, request.metadata()).await?;
+        let agent = super::authenticate_agent(app, request.metadata(), request.extensions()).await?;
         let closing = super::closing(app, request.extensions());
         let mut inbound = request.into_inner();
         match inbound.message().await? {
@@ -76,7 +76,7 @@ impl GitlabAccess for TunnelService {
     type MakeRequestStream = AccessStream;
 
     async fn make_request(&self, request: Request<Streaming<HttpRequest>>) -> Result<Response<AccessStream>, Status> {
-        super::authenticate_agent(&self.app, request.metadata()).await?;
+        super::authenticate_agent(&self.app, request.metadata(), request.extensions()).await?;
         let mut inbound = request.into_inner();
         // The request's header comes first; what it asks for does not matter.
         let _ = inbound.message().await?;

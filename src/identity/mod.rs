@@ -4,6 +4,8 @@
 
 mod registry;
 
+use std::net::IpAddr;
+
 use async_trait::async_trait;
 
 use crate::domain::{AgentId, AgentToken};
@@ -56,8 +58,9 @@ pub enum IdentityError {
 /// The source of truth for agents and what they may see.
 #[async_trait]
 pub trait AgentDirectory: Send + Sync + 'static {
-    /// Resolves a presented token.
-    async fn authenticate(&self, token: &AgentToken) -> Result<AgentIdentity, IdentityError>;
+    /// Resolves a presented token, presented from `peer` (the connection's address, when known:
+    /// lookups of tokens the directory does not know yet may be limited per peer).
+    async fn authenticate(&self, token: &AgentToken, peer: Option<IpAddr>) -> Result<AgentIdentity, IdentityError>;
 
     /// Re-checks these credentials (held by open streams): the ones that still work, and the
     /// ones the source of truth could not answer for now. Any other one was revoked.

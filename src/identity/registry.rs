@@ -1,5 +1,6 @@
 //! The local registry (agents and token digests in the database) as the directory.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -22,7 +23,7 @@ impl RegistryDirectory {
 
 #[async_trait]
 impl AgentDirectory for RegistryDirectory {
-    async fn authenticate(&self, token: &AgentToken) -> Result<AgentIdentity, IdentityError> {
+    async fn authenticate(&self, token: &AgentToken, _: Option<IpAddr>) -> Result<AgentIdentity, IdentityError> {
         // Looked up by digest: comparing digests reveals nothing useful about the token.
         let found = self
             .store

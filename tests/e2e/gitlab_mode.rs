@@ -1,7 +1,9 @@
 //! GitLab as the source of truth, against a stand-in GitLab started by the test: each GitLab
-//! version's paths and headers, private CAs, and what Rails asks kas in this mode.
+//! version's paths and headers, private CAs, what Rails asks kas in this mode, and what
+//! strangers and oversized answers cannot do.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use kas::proto::agent_configuration::rpc::ConfigurationRequest;
 use kas::proto::agent_configuration::rpc::agent_configuration_client::AgentConfigurationClient;
@@ -143,6 +145,27 @@ async fn tokens_are_checked_with_gitlab_and_refusals_cached() {
             assert_eq!(client.open(&["team/config"]).await.unwrap_err().code(), tonic::Code::Unauthenticated, "{bad}");
         }
         assert_eq!(gitlab.calls_with("agent_info", bad).len(), 1, "refusal cached: one call for five attempts");
+    }
+    app.stop().await;
+}
+
+/// agentk opens several calls at once with a token kas does not know yet: GitLab is asked once,
+/// and the others get its answer (a good one or a refusal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_with_a_new_token_ask_gitlab_once() {
+    let db = TestDb::sqlite();
+    let (gitlab, app) = setup(&db, "5m").await;
+    gitlab.set_mode(Mode::Slow(Duration::from_millis(200)));
+    for (token, ok) in [(THIRD, true), ("glagent-nobody-knows-this-either", false)] {
+        let agent = TestAgent::connect(app.agent, token).await;
+        let opens = (0..10).map(|_| agent.open(&["team/config"]));
+        for result in futures::future::join_all(opens).await {
+            match result {
+                Ok(_) => assert!(ok, "{token}"),
+                Err(status) => assert!(!ok && status.code() == tonic::Code::Unauthenticated, "{token}: {status:?}"),
+            }
+        }
+        assert_eq!(gitlab.calls_with("agent_info", token).len(), 1, "{token}: one lookup for ten calls");
     }
     app.stop().await;
 }
@@ -485,4 +508,120 @@ async fn gitlab_url_credentials_are_neither_logged_nor_sent() {
     let logs = replica.logs.lock().unwrap().join("\n");
     assert!(!logs.contains("hunter2"), "{logs}");
     assert!(logs.contains(&format!("http://{}", gitlab.addr)), "the URL is logged without credentials: {logs}");
+}
+
+/// The value of the metric line `name` (with its labels) in Prometheus text; 0 when absent.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// 2,000 lookups of random tokens from four connections of one address while a known agent
+/// works: the push still reaches the agent, GitLab is asked only within the address's budget
+/// (the rest fail at once with UNAVAILABLE, none waits past the queue deadline), and the
+/// refusal cache and the peer table hold no more than that; afterwards a new agent gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unknown_tokens_neither_starves_known_agents_nor_grows_caches() {
+    const FLOOD: usize = 2000;
+    const CLIENTS: usize = 4;
+    let db = TestDb::sqlite();
+    let (gitlab, app) = setup(&db, "5m").await;
+    let agent = TestAgent::connect(app.agent, TOKEN).await;
+    let mut stream = agent.open(&["team/public"]).await.unwrap();
+    let started = Instant::now();
+    let flood: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let addr = app.agent;
+            tokio::spawn(async move {
+                let connection = TestAgent::connect(addr, "").await.channel;
+                let mut codes: HashMap<tonic::Code, usize> = HashMap::new();
+                let mut slowest = Duration::ZERO;
+                for i in 0..FLOOD / CLIENTS {
+                    let stranger =
+                        TestAgent { token: format!("glagent-stranger-{c}-{i}"), channel: connection.clone() };
+                    let at = Instant::now();
+                    let code = stranger.open(&["team/public"]).await.expect_err("a stranger is refused").code();
+                    slowest = slowest.max(at.elapsed());
+                    *codes.entry(code).or_default() += 1;
+                }
+                (codes, slowest)
+            })
+        })
+        .collect();
+    // Meanwhile a public push (whose access kas has not asked GitLab about yet) reaches the agent.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.push(101, "team/public", 20).await.status(), 202);
+    assert_eq!(next_project(&mut stream, SOON).await.as_deref(), Some("team/public"), "the known agent is served");
+    let mut codes: HashMap<tonic::Code, usize> = HashMap::new();
+    let mut slowest = Duration::ZERO;
+    for f in flood {
+        let (c, s) = f.await.unwrap();
+        slowest = slowest.max(s);
+        for (code, n) in c {
+            *codes.entry(code).or_default() += n;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let refused = codes.remove(&tonic::Code::Unauthenticated).unwrap_or(0);
+    let shed = codes.remove(&tonic::Code::Unavailable).unwrap_or(0);
+    assert!(codes.is_empty(), "only UNAUTHENTICATED or UNAVAILABLE: {codes:?}");
+    assert_eq!(refused + shed, FLOOD);
+    assert!(slowest < Duration::from_secs(3), "every refusal within the 2 s queue deadline: {slowest:?}");
+    // Every token GitLab was asked about, it refused; the rest never reached it.
+    let asked = gitlab.calls("agent_info") - 1;
+    assert_eq!(asked, refused);
+    let budget = 20.0 + 10.0 * elapsed + 2.0;
+    assert!((asked as f64) <= budget, "{asked} lookups in {elapsed:.1}s: over the address's budget");
+    assert!(shed > FLOOD / 2, "most strangers failed fast: {shed}");
+    let metrics = app.metrics_text().await;
+    assert_eq!(metric(&metrics, r#"kas_gitlab_cache_entries{name="refusals"}"#) as usize, refused);
+    assert_eq!(metric(&metrics, r#"kas_gitlab_cache_entries{name="peers"}"#), 1.0);
+    assert_eq!(metric(&metrics, r#"kas_gitlab_calls_total{call="agent_info",result="shed"}"#) as usize, shed);
+
+    // Once the address's bucket refills, a new agent from it gets in.
+    let newcomer = TestAgent::connect(app.agent, THIRD).await;
+    assert!(crate::support::eventually(SOON, || async { newcomer.open(&["team/config"]).await.is_ok() }).await);
+    app.stop().await;
+}
+
+/// The configuration file is at most 128 KiB: a larger one from GitLab ends the configuration
+/// stream with FAILED_PRECONDITION and kas stops reading it (the stand-in streams 128 MiB and
+/// counts what it produced), whether GitLab announces its length or not; exactly 128 KiB is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_file_over_128_kib_is_refused_unread() {
+    const HUGE: usize = 128 << 20;
+    let db = TestDb::sqlite();
+    let (gitlab, app) = setup(&db, "5m").await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", app.agent)).unwrap().connect().await.unwrap();
+    let path = ".gitlab/agents/deployer/config.yaml".to_owned();
+    for (head, size, with_length) in [
+        ("5555555555555555555555555555555555555555", HUGE, false),
+        ("6666666666666666666666666666666666666666", HUGE, true),
+        ("7777777777777777777777777777777777777777", 128 * 1024, false),
+    ] {
+        {
+            let mut w = gitlab.state.world.lock().unwrap();
+            w.heads.insert((100, "main".into()), head.into());
+            w.huge_files.insert((100, head.into(), path.clone()), (size, with_length));
+        }
+        let before = gitlab.state.streamed.load(std::sync::atomic::Ordering::SeqCst);
+        let request = ConfigurationRequest { commit_id: String::new(), agent_meta: None, skip_register: true };
+        let mut client = AgentConfigurationClient::new(channel.clone());
+        let mut stream = client.get_configuration(as_agent(TOKEN, request)).await.unwrap().into_inner();
+        let first = tokio::time::timeout(SOON, stream.message()).await.expect("answered");
+        if size > 128 * 1024 {
+            let err = first.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+            assert!(err.message().contains("larger than 131072 bytes"), "{}", err.message());
+            // Whatever sits in socket buffers aside, kas did not read on to the end.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let produced = gitlab.state.streamed.load(std::sync::atomic::Ordering::SeqCst) - before;
+            assert!(produced < HUGE / 8, "the stand-in produced {produced} of {HUGE} bytes");
+        } else {
+            assert_eq!(first.unwrap().unwrap().commit_id, head, "exactly 128 KiB is read");
+        }
+    }
+    app.stop().await;
 }

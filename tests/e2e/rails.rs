@@ -45,8 +45,12 @@ async fn server_info_is_kas_version_and_git_ref() {
         call::<_, GetServerInfoResponse>(&app, wire::GET_SERVER_INFO, tonic::Request::new(Empty {})).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "GitLab's JWT is required");
     app.stop().await;
+}
 
-    // GitLab names agentk's image by this version: an operator sets it to GitLab's.
+/// GitLab uses the answered version as agentk's image tag ("Connect a cluster"): with
+/// KAS_SERVER_VERSION set, that is what GetServerInfo answers.
+#[tokio::test]
+async fn server_info_answers_the_configured_version() {
     let db = TestDb::sqlite();
     let secret = crate::intake::write_gitlab_secret(&db);
     let app = TestApp::spawn(&db, |s| {
@@ -55,8 +59,28 @@ async fn server_info_is_kas_version_and_git_ref() {
     })
     .await;
     let info: GetServerInfoResponse = call(&app, wire::GET_SERVER_INFO, rails(Empty {})).await.unwrap();
-    assert_eq!(info.current_server_info.unwrap().version, "v18.6.0");
+    let info = info.current_server_info.expect("current_server_info");
+    assert_eq!(info.version, "v18.6.0");
+    assert_eq!(info.git_ref, kas::grpc::server_info::GIT_REF);
     app.stop().await;
+}
+
+/// Facing GitLab (its shared secret set) without KAS_SERVER_VERSION, kas warns once at start;
+/// with it set, it does not.
+#[test]
+fn an_unset_server_version_is_warned_about_once() {
+    let warned = |version: Option<&str>| {
+        let db = TestDb::sqlite();
+        let mut env = vec![("KAS_GITLAB_SECRET_FILE", crate::intake::write_gitlab_secret(&db))];
+        if let Some(v) = version {
+            env.push(("KAS_SERVER_VERSION", v.to_owned()));
+        }
+        let replica = crate::support::process::ProcessReplica::spawn(&db, &env);
+        let logs = replica.logs.lock().unwrap().clone();
+        logs.iter().filter(|l| l.contains("KAS_SERVER_VERSION is not set")).count()
+    };
+    assert_eq!(warned(None), 1);
+    assert_eq!(warned(Some("v18.6.0")), 0);
 }
 
 #[tokio::test]

@@ -13,7 +13,9 @@ pub struct AgentStream {
     buf: BytesMut,
 }
 
-/// An HTTP/2 connection to the agent listener, before any stream.
+/// An HTTP/2 connection to the agent listener, before any stream (a clone opens another
+/// stream on the same connection).
+#[derive(Clone)]
 pub struct AgentConnection(h2::client::SendRequest<Bytes>);
 
 /// Connects and completes the HTTP/2 handshake.
@@ -56,6 +58,18 @@ pub async fn open(
         return Err(format!("refused: grpc-status {status:?}"));
     }
     Ok(AgentStream { body: response.into_body(), buf: BytesMut::new() })
+}
+
+/// The gRPC code of a refusal `open` returned (`refused: grpc-status "16"` → `UNAUTHENTICATED`).
+pub fn refusal_code(error: &str) -> Option<&'static str> {
+    let code = error.strip_prefix("refused: grpc-status ")?.trim_matches('"');
+    Some(match code {
+        "8" => "RESOURCE_EXHAUSTED",
+        "14" => "UNAVAILABLE",
+        "16" => "UNAUTHENTICATED",
+        "7" => "PERMISSION_DENIED",
+        _ => "other refusal",
+    })
 }
 
 impl AgentStream {

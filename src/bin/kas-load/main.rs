@@ -46,7 +46,7 @@ enum Child {
 /// What to run and how hard.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Options {
-    /// all, baseline-http, baseline-redis, baseline-memory, intake, fanout, fanout-redis, idle-flood
+    /// all, baseline-http, baseline-redis, baseline-memory, intake, fanout, fanout-redis, idle-flood, gitlab-flood
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Length of each measured phase, in seconds

@@ -1,6 +1,7 @@
 //! The measured scenarios and the report.
 
 mod floods;
+mod gitlab_flood;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,7 +58,10 @@ pub async fn run(options: Options) -> Result<(), String> {
             return Err(format!("{url}: the load tool only targets 127.0.0.1"));
         }
     }
-    check_open_files(options.agents.max(options.idle_sockets))?;
+    // gitlab-flood alone connects a few dozen agents, not `--agents`.
+    if options.scenario != "gitlab-flood" {
+        check_open_files(options.agents.max(options.idle_sockets))?;
+    }
     // Server logs are kept when a run fails, and their place is printed.
     let logs = tempfile::Builder::new().prefix("kas-load-").tempdir().map_err(|e| e.to_string())?.keep();
     let secret_file = logs.join("webhook-secret");
@@ -88,6 +92,9 @@ pub async fn run(options: Options) -> Result<(), String> {
         }
         if wants("idle-flood") {
             floods::idle_flood(&ctx, &mut report).await?;
+        }
+        if wants("gitlab-flood") {
+            gitlab_flood::gitlab_flood(&ctx, &mut report).await?;
         }
         Ok::<(), String>(())
     };

@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde_json::json;
 
 /// An agent GitLab knows.
@@ -98,6 +99,9 @@ pub struct World {
     pub heads: HashMap<(i64, String), String>,
     /// (project id, commit, path) → content.
     pub files: HashMap<(i64, String, String), String>,
+    /// (project id, commit, path) → a file of this many bytes, streamed in 16 KiB chunks (with a
+    /// `Content-Length` when the flag is set); what was produced is counted in `streamed`.
+    pub huge_files: HashMap<(i64, String, String), (usize, bool)>,
 }
 
 /// One request the stand-in received.
@@ -116,6 +120,8 @@ pub struct StandIn {
     pub mode: Mutex<Option<Mode>>,
     pub version: Mutex<Version>,
     pub calls: Mutex<Vec<Call>>,
+    /// Bytes of huge files the server produced for sending (see `World::huge_files`).
+    pub streamed: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A running stand-in.
@@ -175,6 +181,7 @@ impl StandInGitLab {
             mode: Mutex::new(Some(Mode::Normal)),
             version: Mutex::new(version),
             calls: Mutex::default(),
+            streamed: Arc::default(),
         });
         let app = Router::new()
             .route("/api/v4/internal/kubernetes/agent_info", get(agent_info_kubernetes))
@@ -372,10 +379,33 @@ async fn file(
         return r;
     }
     let git_ref = q.get("ref").cloned().unwrap_or_default();
-    match s.world.lock().unwrap().files.get(&(id, git_ref, path)) {
+    let key = (id, git_ref, path);
+    let huge = s.world.lock().unwrap().huge_files.get(&key).copied();
+    if let Some((size, with_length)) = huge {
+        return huge_body(s.streamed.clone(), size, with_length);
+    }
+    match s.world.lock().unwrap().files.get(&key) {
         Some(content) => content.clone().into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+/// `size` bytes of YAML comments, produced 16 KiB at a time as the client's connection takes
+/// them, each chunk counted into `streamed`.
+fn huge_body(streamed: Arc<std::sync::atomic::AtomicUsize>, size: usize, with_length: bool) -> Response {
+    const CHUNK: usize = 16 * 1024;
+    let chunks = futures::stream::iter((0..size).step_by(CHUNK)).map(move |at| {
+        let n = CHUNK.min(size - at);
+        streamed.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        let mut chunk = vec![b'#'; n];
+        chunk[n - 1] = b'\n';
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(chunk))
+    });
+    let mut response = axum::body::Body::from_stream(chunks).into_response();
+    if with_length {
+        response.headers_mut().insert(axum::http::header::CONTENT_LENGTH, size.into());
+    }
+    response
 }
 
 /// The repository tree at the default branch's head, as GitLab pages it: the project by id or
