@@ -7,12 +7,12 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use kas::config::{Secret, StoreConfig};
 use kas::delivery::{Hub, HubConfig};
+use kas::domain::EventNotice;
 use kas::domain::{ProjectPath, access};
 use kas::engine::{LocalDelivery, MemoryEngine};
 use kas::identity::{AgentIdentity, RegistryDirectory};
 use kas::intake::webhook;
 use kas::metrics::Metrics;
-use kas::store::PushNotice;
 use tokio_util::sync::CancellationToken;
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -84,8 +84,8 @@ fn hub_with(
     })
 }
 
-fn notice(seq: i64, path: &str, world_readable: bool) -> PushNotice {
-    PushNotice { seq, project_id: 1, project_path: ProjectPath::parse(path).unwrap(), world_readable, received_at: 0 }
+fn notice(seq: i64, path: &str, world_readable: bool) -> EventNotice {
+    EventNotice { seq, project_id: 1, project_path: ProjectPath::parse(path).unwrap(), world_readable, received_at: 0 }
 }
 
 fn fan_out(c: &mut Criterion) {

@@ -11,6 +11,7 @@
 pub mod agentcfg;
 pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod domain;

@@ -254,7 +254,7 @@ async fn engine_key(store: &dyn crate::store::Store) -> Result<crate::config::Se
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).expect("system randomness");
     let candidate = crate::domain::agent::hex(&raw);
-    let key = store.shared_key("redis-signing", &candidate, crate::store::now_ms()).await?;
+    let key = store.shared_key("redis-signing", &candidate, crate::clock::now_ms()).await?;
     Ok(crate::config::Secret::new(key.into_bytes()))
 }
 

@@ -12,9 +12,9 @@ use tokio_util::task::TaskTracker;
 
 use super::source::ConfigSource;
 use crate::domain::AgentId;
+use crate::domain::EventNotice;
 use crate::engine::LocalDelivery;
 use crate::identity::AgentIdentity;
-use crate::store::PushNotice;
 
 struct Watched {
     version: watch::Sender<String>,
@@ -118,7 +118,7 @@ fn set_version(tx: &watch::Sender<String>, version: String) {
 
 impl LocalDelivery for ConfigWatch {
     /// A push to a watched agent's configuration project may have changed its file.
-    fn deliver(&self, notices: &[PushNotice]) {
+    fn deliver(&self, notices: &[EventNotice]) {
         let pushed: Vec<(AgentIdentity, watch::Sender<String>)> = {
             let watches = self.watches.lock().expect("watch lock");
             notices

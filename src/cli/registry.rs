@@ -7,9 +7,10 @@ use clap::Subcommand;
 
 use super::{CliError, format_time, io};
 use crate::agentcfg::AgentConfigFile;
+use crate::clock::now_ms;
 use crate::config::StoreSettings;
 use crate::domain::{AgentName, AgentToken, ProjectInfo, ProjectPath, RepositoryAccess, Visibility};
-use crate::store::{self, AgentRecord, Store, now_ms};
+use crate::store::{self, AgentRecord, Store};
 
 /// `kas agent …`
 #[derive(Debug, Subcommand)]

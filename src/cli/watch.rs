@@ -19,9 +19,9 @@ use tokio::time::Instant;
 
 use super::client::ConnectArgs;
 use super::{CliError, format_time, io};
+use crate::clock::now_ms;
 use crate::proto::flux::rpc::git_lab_flux_client::GitLabFluxClient;
 use crate::proto::flux::rpc::{Project, ReconcileProjectsRequest};
-use crate::store::now_ms;
 
 /// A notification that arrives this long after the stream opened (or after the previous replayed
 /// one) is live: the replay burst has ended. Long enough for a replay to reach a client on a

@@ -11,10 +11,12 @@ use tokio_util::task::TaskTracker;
 
 use super::pending::Pending;
 use super::stream::{EndSignal, ReconcileStream, StreamEnd};
+use crate::clock::now_ms;
+use crate::domain::{DeliveryPosition, EventNotice};
 use crate::engine::{ConnectionRecord, Engine, LocalDelivery};
 use crate::identity::{AgentDirectory, AgentIdentity, Rechecked};
 use crate::metrics::Metrics;
-use crate::store::{DeliveryPosition, PushNotice, Store, now_ms};
+use crate::store::Store;
 
 /// Events replayed from the log per query.
 const REPLAY_PAGE: i64 = 5000;
@@ -431,7 +433,7 @@ impl Hub {
 
     /// Queues `n` for `path` (one of `shared`'s projects) if the agent may see it; true when
     /// newly queued, false when coalesced or not allowed.
-    fn offer(&self, shared: &StreamShared, path: &Arc<str>, n: &PushNotice) -> bool {
+    fn offer(&self, shared: &StreamShared, path: &Arc<str>, n: &EventNotice) -> bool {
         if !self.directory.could_notify(&shared.agent, path, n.world_readable) {
             return false;
         }
@@ -512,8 +514,8 @@ impl Hub {
 }
 
 impl LocalDelivery for Hub {
-    fn deliver(&self, notices: &[PushNotice]) {
-        let fresh: Vec<&PushNotice> = {
+    fn deliver(&self, notices: &[EventNotice]) {
+        let fresh: Vec<&EventNotice> = {
             let mut seen = self.seen.lock().expect("seen lock");
             notices.iter().filter(|n| seen.insert(n.seq)).collect()
         };
@@ -676,14 +678,14 @@ mod properties {
             let i = PATHS.iter().position(|x| *x == p).unwrap();
             projects.contains(&i) && (PATHS[*own] == p || public[i])
         };
-        let mut notices: Vec<PushNotice> = Vec::new();
+        let mut notices: Vec<EventNotice> = Vec::new();
         // (step, path) of every push, and of every send per stream.
         let mut pushes: Vec<(usize, &str)> = Vec::new();
         let mut sends: Vec<Vec<(usize, Arc<str>)>> = vec![Vec::new(); open.len()];
         for (step, op) in ops.iter().enumerate() {
             match *op {
                 Op::Push(p) => {
-                    let n = PushNotice {
+                    let n = EventNotice {
                         seq: notices.len() as i64 + 1,
                         project_id: p as i64 + 1,
                         project_path: ProjectPath::parse(PATHS[p]).unwrap(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::hub::{Hub, StreamShared};
-use crate::store::now_ms;
+use crate::clock::now_ms;
 
 /// First wait before asking the directory again about a project it could not answer for; it
 /// doubles with every failure in a row, up to `ACCESS_RETRY_MAX`.

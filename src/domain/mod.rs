@@ -1,17 +1,19 @@
-//! The domain: projects, agents, tokens, push events and the access rule.
+//! The domain: projects, agents, tokens, events (Git pushes) and the access rule.
 //!
 //! Nothing here knows about HTTP, gRPC, SQL or Redis; values are validated once, when they are
 //! built, so the rest of the code can trust them.
 
 pub mod access;
 pub mod agent;
+pub mod event;
 pub mod project;
 pub mod push;
 
 pub use access::may_notify;
 pub use agent::{AgentId, AgentName, AgentToken, TokenDigest};
+pub use event::{DeliveryPosition, EventKind, EventNotice, EventSource, LoggedEvent, NewEvent, RecordOutcome};
 pub use project::{ProjectInfo, ProjectPath, ProjectUpdate, RepositoryAccess, Visibility, merged_visibility};
-pub use push::{PushEvent, PushKind};
+pub use push::PushEvent;
 
 /// A value the domain refused, with the reason in words a user can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::{ConnectionRecord, Engine, EngineContext, EngineError, PodFilter, PodRecord, TooManyPods};
+use crate::clock::now_ms;
 use crate::domain::AgentId;
-use crate::store::{DeliveryPosition, PushNotice, now_ms};
+use crate::domain::{DeliveryPosition, EventNotice};
 
 /// Engine for one replica without Redis.
 #[derive(Default)]
@@ -27,7 +28,7 @@ impl Engine for MemoryEngine {
 
     fn start(self: Arc<Self>, _: EngineContext) {}
 
-    async fn broadcast(&self, _: &[PushNotice]) -> Result<(), EngineError> {
+    async fn broadcast(&self, _: &[EventNotice]) -> Result<(), EngineError> {
         Ok(())
     }
 

@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::AgentId;
+use crate::domain::{DeliveryPosition, EventNotice};
 use crate::metrics::Metrics;
-use crate::store::{DeliveryPosition, PushNotice, Store};
+use crate::store::Store;
 
 pub use memory::MemoryEngine;
 pub use redis::{RedisEngine, RedisTarget};
@@ -35,14 +36,14 @@ pub enum EngineError {
 pub trait LocalDelivery: Send + Sync + 'static {
     /// Hands events to the local streams that want them; never blocks on a slow agent, and
     /// ignores an event it was already given.
-    fn deliver(&self, notices: &[PushNotice]);
+    fn deliver(&self, notices: &[EventNotice]);
 }
 
 /// Hands every event to each of several local deliveries.
 pub struct DeliverToAll(pub Vec<Arc<dyn LocalDelivery>>);
 
 impl LocalDelivery for DeliverToAll {
-    fn deliver(&self, notices: &[PushNotice]) {
+    fn deliver(&self, notices: &[EventNotice]) {
         for d in &self.0 {
             d.deliver(notices);
         }
@@ -167,7 +168,7 @@ pub trait Engine: Send + Sync + 'static {
     /// Starts background work (subscriptions, heartbeats); returns at once.
     fn start(self: Arc<Self>, ctx: EngineContext);
     /// Makes recorded events reach every other replica's local delivery.
-    async fn broadcast(&self, notices: &[PushNotice]) -> Result<(), EngineError>;
+    async fn broadcast(&self, notices: &[EventNotice]) -> Result<(), EngineError>;
     /// Whether the backing service answers and this replica receives what others publish.
     async fn ping(&self) -> Result<(), EngineError>;
     /// Saves how far an agent's notifications got, where every replica can read it.

@@ -36,10 +36,11 @@ use redis::{AsyncConnectionConfig, Client, FromRedisValue, Pipeline, RedisConnec
 use serde::{Deserialize, Serialize};
 
 use super::{ConnectionRecord, Engine, EngineContext, EngineError, PodFilter, PodRecord, TooManyPods};
+use crate::clock::now_ms;
 use crate::config::Secret;
 use crate::domain::AgentId;
+use crate::domain::{DeliveryPosition, EventNotice};
 use crate::metrics::Metrics;
-use crate::store::{DeliveryPosition, PushNotice, now_ms};
 
 /// Longest wait for any one Redis operation.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -638,7 +639,7 @@ impl RedisEngine {
         }
     }
 
-    fn publishable(&self, notices: &[PushNotice]) -> Vec<u8> {
+    fn publishable(&self, notices: &[EventNotice]) -> Vec<u8> {
         let envelope = Envelope { r: self.replica.clone(), s: notices.iter().map(|n| n.seq).collect() };
         serde_json::to_vec(&envelope).expect("serializable")
     }
@@ -664,7 +665,7 @@ impl Engine for RedisEngine {
         tasks.spawn(self.heartbeat_loop(heartbeat_ctx));
     }
 
-    async fn broadcast(&self, notices: &[PushNotice]) -> Result<(), EngineError> {
+    async fn broadcast(&self, notices: &[EventNotice]) -> Result<(), EngineError> {
         if notices.is_empty() {
             return Ok(());
         }

@@ -16,13 +16,13 @@ use super::OpenGauge;
 use crate::agentcfg::source::{ConfigSnapshot, ConfigSourceError};
 use crate::agentcfg::{self, AgentConfigFile, LogLevel};
 use crate::app::App;
+use crate::clock::now_ms;
 use crate::engine::{AgentMetaRecord, PodRecord, REGISTRATION_TTL};
 use crate::identity::AgentIdentity;
 use crate::proto::agent_configuration::rpc::agent_configuration_server::AgentConfiguration;
 use crate::proto::agent_configuration::rpc::{ConfigurationRequest, ConfigurationResponse};
 use crate::proto::agentcfg::{self as cf, LogLevelEnum};
 use crate::proto::entity::AgentMeta;
-use crate::store::now_ms;
 
 /// How often a configuration stream that registered its pod refreshes the registration.
 const REGISTRATION_REFRESH: Duration = Duration::from_secs(4 * 60);

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
-use crate::domain::{ProjectPath, PushEvent, PushKind};
+use crate::domain::{EventKind, ProjectPath, PushEvent};
+use crate::domain::{EventSource, RecordOutcome};
 use crate::intake::IntakeError;
 use crate::proto::notifications::rpc::notifications_server::Notifications;
 use crate::proto::notifications::rpc::{GitPushEventRequest, GitPushEventResponse};
-use crate::store::{PushSource, RecordOutcome};
 
 /// The Notifications service.
 pub struct NotificationsService {
@@ -40,7 +40,7 @@ pub fn validate(request: &GitPushEventRequest) -> Result<PushEvent, Status> {
     Ok(PushEvent {
         project_id: project.id,
         project_path,
-        kind: PushKind::Branch,
+        kind: EventKind::Push,
         git_ref: None,
         before: None,
         after: None,
@@ -62,7 +62,7 @@ impl Notifications for NotificationsService {
         let key = request.metadata().get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let push = validate(request.get_ref()).inspect_err(|_| app.metrics.git_push_event("invalid"))?;
         let project = push.project_path.clone();
-        match app.intake.record(push, key.as_deref(), PushSource::GitPushEvent).await {
+        match app.intake.record(push, key.as_deref(), EventSource::GitPushEvent).await {
             Ok(RecordOutcome::Recorded(notice)) => {
                 app.metrics.git_push_event("accepted");
                 tracing::debug!(seq = notice.seq, %project, "push recorded");

@@ -11,10 +11,10 @@ use serde_json::json;
 
 use crate::app::App;
 use crate::domain::PushEvent;
+use crate::domain::{EventSource, RecordOutcome};
 use crate::intake::IntakeError;
 use crate::intake::webhook::{self, Hook};
 use crate::secrets::HookScope;
-use crate::store::{PushSource, RecordOutcome};
 
 /// Handles one webhook delivery; every outcome is counted under `kas_webhooks_total{result}`.
 pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response {
@@ -65,7 +65,7 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
         return *refusal;
     }
     let project = push.project_path.clone();
-    match app.intake.record(push, idempotency_key(headers), PushSource::Webhook).await {
+    match app.intake.record(push, idempotency_key(headers), EventSource::Webhook).await {
         Ok(RecordOutcome::Recorded(notice)) => {
             app.metrics.webhook("accepted");
             tracing::debug!(seq = notice.seq, project = %project, "push recorded");

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{AgentDirectory, AgentIdentity, IdentityError, Rechecked};
+use crate::clock::now_ms;
 use crate::domain::{AgentToken, access};
-use crate::store::{Store, now_ms};
+use crate::store::Store;
 
 /// Agents and tokens from kas's own database; the access rule from `domain::access`.
 pub struct RegistryDirectory {

@@ -15,9 +15,11 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clock::now_ms;
 use crate::domain::PushEvent;
+use crate::domain::{EventSource, NewEvent, RecordOutcome};
 use crate::metrics::Metrics;
-use crate::store::{NewPush, PushSource, RecordOutcome, Store, now_ms};
+use crate::store::Store;
 
 pub use outbox::Outbox;
 
@@ -48,7 +50,7 @@ pub enum IntakeError {
 }
 
 struct Job {
-    push: NewPush,
+    push: NewEvent,
     reply: oneshot::Sender<Result<RecordOutcome, IntakeError>>,
 }
 
@@ -79,7 +81,7 @@ impl Intake {
         &self,
         event: PushEvent,
         key: Option<&str>,
-        source: PushSource,
+        source: EventSource,
     ) -> Result<RecordOutcome, IntakeError> {
         let started = std::time::Instant::now();
         let idempotency_key = match key {
@@ -91,7 +93,7 @@ impl Intake {
             return Err(IntakeError::ShuttingDown);
         }
         let (reply, answer) = oneshot::channel();
-        let push = NewPush { event, idempotency_key, source, received_at: now_ms() };
+        let push = NewEvent { event, idempotency_key, source, received_at: now_ms() };
         let result = tokio::time::timeout(RECORD_TIMEOUT, async {
             self.jobs.send(Job { push, reply }).await.map_err(|_| IntakeError::ShuttingDown)?;
             answer.await.map_err(|_| IntakeError::ShuttingDown)?
@@ -136,7 +138,7 @@ async fn write_batches(
             }
             batch
         };
-        let (pushes, replies): (Vec<NewPush>, Vec<_>) = batch.into_iter().map(|j| (j.push, j.reply)).unzip();
+        let (pushes, replies): (Vec<NewEvent>, Vec<_>) = batch.into_iter().map(|j| (j.push, j.reply)).unzip();
         match store.record_pushes(&pushes).await {
             Ok(outcomes) => {
                 let mut recorded = Vec::with_capacity(outcomes.len());

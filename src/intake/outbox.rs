@@ -11,9 +11,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clock::now_ms;
+use crate::domain::EventNotice;
 use crate::engine::{Engine, LocalDelivery};
 use crate::metrics::Metrics;
-use crate::store::{PushNotice, Store, now_ms};
+use crate::store::Store;
 
 /// Batches waiting for the publisher; beyond this, events wait in the log for the sweeper.
 const QUEUE: usize = 4096;
@@ -32,7 +34,7 @@ const PRUNE_BATCH: i64 = 10_000;
 
 /// Publishes recorded events; see the module documentation.
 pub struct Outbox {
-    queue: mpsc::Sender<Vec<PushNotice>>,
+    queue: mpsc::Sender<Vec<EventNotice>>,
     metrics: Arc<Metrics>,
 }
 
@@ -71,7 +73,7 @@ impl Outbox {
 
     /// Queues freshly recorded events. Never waits: when the queue is full the events stay
     /// unpublished in the log and the sweeper publishes them.
-    pub fn publish(&self, notices: Vec<PushNotice>) {
+    pub fn publish(&self, notices: Vec<EventNotice>) {
         if notices.is_empty() {
             return;
         }
@@ -91,7 +93,7 @@ impl OutboxTasks {
     }
 }
 
-async fn publish_queued(mut rx: mpsc::Receiver<Vec<PushNotice>>, shared: Arc<Shared>) {
+async fn publish_queued(mut rx: mpsc::Receiver<Vec<EventNotice>>, shared: Arc<Shared>) {
     while let Some(mut batch) = rx.recv().await {
         while batch.len() < SWEEP_BATCH as usize {
             match rx.try_recv() {
@@ -133,7 +135,7 @@ async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
 impl Shared {
     /// Delivers locally (local delivery ignores events it already has), broadcasts, marks
     /// published; returns whether the broadcast succeeded.
-    async fn publish(&self, batch: Vec<PushNotice>, from_sweep: bool) -> bool {
+    async fn publish(&self, batch: Vec<EventNotice>, from_sweep: bool) -> bool {
         self.local.deliver(&batch);
         match self.engine.broadcast(&batch).await {
             Ok(()) => {

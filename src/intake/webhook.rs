@@ -9,7 +9,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
-use crate::domain::{ProjectPath, PushEvent, PushKind, Visibility};
+use crate::domain::{EventKind, ProjectPath, PushEvent, Visibility};
 
 /// Longest ref name kept (Git itself has no hard limit; GitLab's are far shorter).
 const MAX_REF_LEN: usize = 1024;
@@ -77,8 +77,8 @@ struct ProjectPayload<'a> {
 pub fn parse(event: Option<&str>, body: &[u8]) -> Result<Hook, WebhookError> {
     let event = event.ok_or(WebhookError::MissingEvent)?;
     let header_kind = match event {
-        "Push Hook" => Some(PushKind::Branch),
-        "Tag Push Hook" => Some(PushKind::Tag),
+        "Push Hook" => Some(EventKind::Push),
+        "Tag Push Hook" => Some(EventKind::TagPush),
         "System Hook" => None,
         other => return Ok(Hook::Ignored(format!("{other} events are not acted on"))),
     };
@@ -91,8 +91,8 @@ pub fn parse(event: Option<&str>, body: &[u8]) -> Result<Hook, WebhookError> {
     // hooks carry both it and `object_kind`.
     let body_kind = payload.object_kind.as_deref().or(payload.event_name.as_deref());
     let kind = match (body_kind, header_kind) {
-        (Some("push"), _) => PushKind::Branch,
-        (Some("tag_push"), _) => PushKind::Tag,
+        (Some("push"), _) => EventKind::Push,
+        (Some("tag_push"), _) => EventKind::TagPush,
         (None, Some(kind)) => kind,
         (Some(other), _) => {
             return Ok(Hook::Ignored(format!("{event} event {other:?} is not acted on")));
@@ -143,11 +143,11 @@ mod tests {
     #[test]
     fn every_fixture_is_a_push() {
         let p = push("Push Hook", &fixture("project-hook-push.json"));
-        assert_eq!((p.project_id, p.project_path.as_str(), p.kind), (15, "mike/diaspora", PushKind::Branch));
+        assert_eq!((p.project_id, p.project_path.as_str(), p.kind), (15, "mike/diaspora", EventKind::Push));
         assert_eq!(p.git_ref.as_deref(), Some("refs/heads/master"));
         assert_eq!(p.visibility, Some(Visibility::Private));
         let t = push("Tag Push Hook", &fixture("project-hook-tag-push.json"));
-        assert_eq!((t.project_id, t.project_path.as_str(), t.kind), (1, "jsmith/example", PushKind::Tag));
+        assert_eq!((t.project_id, t.project_path.as_str(), t.kind), (1, "jsmith/example", EventKind::TagPush));
         assert_eq!(t.before.as_deref(), Some("0000000000000000000000000000000000000000"));
         let s = push("System Hook", &fixture("system-hook-push.json"));
         assert_eq!((s.project_id, s.project_path.as_str()), (15, "mike/diaspora"), "id from top-level project_id");
@@ -167,7 +167,7 @@ mod tests {
         // System hook tag push.
         let t =
             push("System Hook", br#"{"event_name":"tag_push","project_id":4,"project":{"path_with_namespace":"g/p"}}"#);
-        assert_eq!(t.kind, PushKind::Tag);
+        assert_eq!(t.kind, EventKind::TagPush);
         // Unknown visibility level: left unknown.
         let u = push("Push Hook", br#"{"project":{"id":1,"path_with_namespace":"g/p","visibility_level":15}}"#);
         assert_eq!(u.visibility, None);

@@ -11,7 +11,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::config::StoreConfig;
-use crate::domain::{AgentId, AgentName, ProjectInfo, ProjectPath, PushEvent, PushKind, TokenDigest};
+use crate::domain::{
+    AgentId, AgentName, DeliveryPosition, EventNotice, LoggedEvent, NewEvent, ProjectInfo, ProjectPath, RecordOutcome,
+    TokenDigest,
+};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -87,99 +90,6 @@ pub struct Authenticated {
     pub token_id: i64,
 }
 
-/// Where a push came in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushSource {
-    /// `POST /webhooks/gitlab`.
-    Webhook,
-    /// GitLab's `GitPushEvent` gRPC call.
-    GitPushEvent,
-}
-
-impl PushSource {
-    /// Stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Webhook => "webhook",
-            Self::GitPushEvent => "grpc",
-        }
-    }
-}
-
-/// A push to be recorded.
-#[derive(Debug, Clone)]
-pub struct NewPush {
-    /// The validated push.
-    pub event: PushEvent,
-    /// De-duplication key: the sender's, or a fresh random one when it gave none.
-    pub idempotency_key: String,
-    /// Which door it came through.
-    pub source: PushSource,
-    /// Unix milliseconds of receipt.
-    pub received_at: i64,
-}
-
-/// A recorded push as delivery needs it: which project, in what order, and whether the
-/// registry considers the project readable by everyone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PushNotice {
-    /// Global sequence number in the event log.
-    pub seq: i64,
-    /// GitLab project id.
-    pub project_id: i64,
-    /// Full path at the time of the push.
-    pub project_path: ProjectPath,
-    /// Public with repository access for everyone (the access rule's second branch).
-    pub world_readable: bool,
-    /// Unix milliseconds of receipt, for the intake-to-send latency.
-    pub received_at: i64,
-}
-
-/// What happened to one push of a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RecordOutcome {
-    /// Newly recorded.
-    Recorded(PushNotice),
-    /// Its idempotency key was already in the log.
-    Duplicate,
-}
-
-/// A recorded push as the log keeps it (for operators and tests).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoggedPush {
-    /// Sequence number.
-    pub seq: i64,
-    /// De-duplication key.
-    pub idempotency_key: String,
-    /// Project id.
-    pub project_id: i64,
-    /// Project path.
-    pub project_path: String,
-    /// Branch or tag.
-    pub kind: PushKind,
-    /// Ref, before and after, when the source said.
-    pub git_ref: Option<String>,
-    /// Previous commit.
-    pub before: Option<String>,
-    /// New commit.
-    pub after: Option<String>,
-    /// Door.
-    pub source: String,
-    /// Unix milliseconds of receipt.
-    pub received_at: i64,
-    /// Unix milliseconds of publication; `None` while the outbox still owes it.
-    pub published_at: Option<i64>,
-}
-
-/// How far an agent's notifications got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeliveryPosition {
-    /// Every event up to this sequence number has been delivered (or did not concern it).
-    pub seq: i64,
-    /// Unix milliseconds when the position was taken.
-    pub at: i64,
-}
-
 /// The storage interface every backend implements.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -235,7 +145,7 @@ pub trait Store: Send + Sync + 'static {
     async fn project_by_id(&self, id: i64) -> Result<Option<ProjectInfo>, StoreError>;
     /// Records a batch of pushes in one transaction, refreshing each project's registry entry
     /// from the push; returns one outcome per input, in order.
-    async fn record_pushes(&self, batch: &[NewPush]) -> Result<Vec<RecordOutcome>, StoreError>;
+    async fn record_pushes(&self, batch: &[NewEvent]) -> Result<Vec<RecordOutcome>, StoreError>;
     /// Marks events as published.
     async fn mark_published(&self, seqs: &[i64], now: i64) -> Result<(), StoreError>;
     /// Claims up to `limit` unpublished events received before `older_than` and not claimed
@@ -246,7 +156,7 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
         lease_ms: i64,
         limit: i64,
-    ) -> Result<Vec<PushNotice>, StoreError>;
+    ) -> Result<Vec<EventNotice>, StoreError>;
     /// Events with `seq > after_seq` or received at or after `overlap_from`, none received
     /// before `not_before`, for the given project paths (all when empty), in sequence order, at
     /// most `limit`; visibility as the registry says now.
@@ -257,10 +167,10 @@ pub trait Store: Send + Sync + 'static {
         not_before: i64,
         projects: &[String],
         limit: i64,
-    ) -> Result<Vec<PushNotice>, StoreError>;
+    ) -> Result<Vec<EventNotice>, StoreError>;
     /// The recorded events with these sequence numbers (unknown ones are skipped), in sequence
     /// order; visibility as the registry says now.
-    async fn pushes_by_seq(&self, seqs: &[i64]) -> Result<Vec<PushNotice>, StoreError>;
+    async fn pushes_by_seq(&self, seqs: &[i64]) -> Result<Vec<EventNotice>, StoreError>;
     /// The shared key called `name`: the stored one, or `candidate` when none was stored yet
     /// (the first replica to ask stores its candidate; every other one reads it).
     async fn shared_key(&self, name: &str, candidate: &str, now: i64) -> Result<String, StoreError>;
@@ -270,7 +180,7 @@ pub trait Store: Send + Sync + 'static {
     /// An event the outbox has not published yet is kept, however old.
     async fn prune_pushes(&self, before: i64, limit: i64) -> Result<u64, StoreError>;
     /// The newest `limit` events of the log, newest first.
-    async fn recent_pushes(&self, limit: i64) -> Result<Vec<LoggedPush>, StoreError>;
+    async fn recent_pushes(&self, limit: i64) -> Result<Vec<LoggedEvent>, StoreError>;
 
     /// Saves an agent's delivery position.
     async fn save_position(&self, agent: AgentId, position: DeliveryPosition) -> Result<(), StoreError>;
@@ -288,9 +198,4 @@ pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     } else {
         Ok(Arc::new(PostgresStore::open(url).await?))
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

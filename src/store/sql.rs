@@ -3,7 +3,7 @@
 //! `Store` implementation for each concrete sqlx pool type; what differs between the two
 //! (connecting, migrations, pragmas) lives in `sqlite.rs` and `postgres.rs`.
 
-use crate::domain::{AgentName, ProjectInfo, ProjectPath, PushKind, RepositoryAccess, Visibility};
+use crate::domain::{AgentName, EventKind, ProjectInfo, ProjectPath, RepositoryAccess, Visibility};
 
 use super::{AgentRecord, StoreError, TokenRecord};
 
@@ -70,8 +70,8 @@ pub(super) fn world_readable(
     crate::domain::access::is_world_readable(path, info.as_ref())
 }
 
-pub(super) fn kind_from_stored(kind: &str) -> Result<PushKind, StoreError> {
-    PushKind::from_stored(kind).ok_or_else(|| StoreError::Corrupt(format!("unknown push kind {kind:?}")))
+pub(super) fn kind_from_stored(kind: &str) -> Result<EventKind, StoreError> {
+    EventKind::from_stored(kind).ok_or_else(|| StoreError::Corrupt(format!("unknown push kind {kind:?}")))
 }
 
 /// Rank of a stored visibility (private < internal < public); unknown ranks as private.
@@ -345,7 +345,7 @@ macro_rules! impl_store {
                 row.map(|(a, b, c, d)| project_from_parts(a, b, c, d)).transpose()
             }
 
-            async fn record_pushes(&self, batch: &[NewPush]) -> Result<Vec<RecordOutcome>, StoreError> {
+            async fn record_pushes(&self, batch: &[NewEvent]) -> Result<Vec<RecordOutcome>, StoreError> {
                 if batch.is_empty() {
                     return Ok(Vec::new());
                 }
@@ -366,7 +366,7 @@ macro_rules! impl_store {
                 }
                 let projects: Vec<$crate::domain::ProjectUpdate> = merged.into_values().collect();
                 // Events in key order, for the same reason (a redelivery racing in another batch).
-                let mut events: Vec<&NewPush> = batch.iter().collect();
+                let mut events: Vec<&NewEvent> = batch.iter().collect();
                 events.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
                 let mut tx = self.pool.begin().await?;
                 let mut q = sqlx::QueryBuilder::<$db>::new(
@@ -412,7 +412,7 @@ macro_rules! impl_store {
                     .map(|p| match seqs.remove(&p.idempotency_key) {
                         // The first push with a key gets the row; a repeat of the key within
                         // the batch finds it taken and is a duplicate.
-                        Some(seq) => RecordOutcome::Recorded(PushNotice {
+                        Some(seq) => RecordOutcome::Recorded(EventNotice {
                             seq,
                             project_id: p.event.project_id,
                             project_path: p.event.project_path.clone(),
@@ -450,7 +450,7 @@ macro_rules! impl_store {
             }
 
             async fn claim_unpublished(&self, older_than: i64, now: i64, lease_ms: i64, limit: i64)
-                -> Result<Vec<PushNotice>, StoreError>
+                -> Result<Vec<EventNotice>, StoreError>
             {
                 let candidates: Vec<(i64, i64, String, i64, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
                     "SELECT e.seq, e.project_id, e.project_path, e.received_at, p.full_path, p.visibility, p.repository_access \
@@ -494,7 +494,7 @@ macro_rules! impl_store {
                 not_before: i64,
                 projects: &[String],
                 limit: i64,
-            ) -> Result<Vec<PushNotice>, StoreError> {
+            ) -> Result<Vec<EventNotice>, StoreError> {
                 let mut q = sqlx::QueryBuilder::<$db>::new(
                     "SELECT e.seq, e.project_id, e.project_path, e.received_at, p.full_path, p.visibility, p.repository_access \
                      FROM push_events e LEFT JOIN projects p ON p.id = e.project_id WHERE (e.seq > ",
@@ -516,7 +516,7 @@ macro_rules! impl_store {
                 rows.into_iter().map(notice_from_row).collect()
             }
 
-            async fn pushes_by_seq(&self, seqs: &[i64]) -> Result<Vec<PushNotice>, StoreError> {
+            async fn pushes_by_seq(&self, seqs: &[i64]) -> Result<Vec<EventNotice>, StoreError> {
                 let mut found = Vec::with_capacity(seqs.len());
                 for chunk in seqs.chunks(1000) {
                     let mut q = sqlx::QueryBuilder::<$db>::new(
@@ -571,7 +571,7 @@ macro_rules! impl_store {
                 Ok(done.rows_affected())
             }
 
-            async fn recent_pushes(&self, limit: i64) -> Result<Vec<LoggedPush>, StoreError> {
+            async fn recent_pushes(&self, limit: i64) -> Result<Vec<LoggedEvent>, StoreError> {
                 #[allow(clippy::type_complexity)]
                 let rows: Vec<(i64, String, i64, String, String, Option<String>, Option<String>, Option<String>, String, i64, Option<i64>)> =
                     sqlx::query_as(
@@ -583,7 +583,7 @@ macro_rules! impl_store {
                     .await?;
                 rows.into_iter()
                     .map(|r| {
-                        Ok(LoggedPush {
+                        Ok(LoggedEvent {
                             seq: r.0,
                             idempotency_key: r.1,
                             project_id: r.2,
@@ -647,9 +647,9 @@ pub(super) use impl_store;
 #[allow(clippy::type_complexity)]
 pub(super) fn notice_from_row(
     r: (i64, i64, String, i64, Option<String>, Option<String>, Option<String>),
-) -> Result<super::PushNotice, StoreError> {
+) -> Result<super::EventNotice, StoreError> {
     let (seq, project_id, path, received_at, registry_path, visibility, access) = r;
-    Ok(super::PushNotice {
+    Ok(super::EventNotice {
         seq,
         project_id,
         world_readable: world_readable(&path, project_id, registry_path, visibility, access),

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use kas::clock::now_ms;
 use kas::domain::{ProjectInfo, ProjectPath, RepositoryAccess, Visibility};
 use kas::proto::flux::rpc::git_lab_flux_client::GitLabFluxClient;
 use kas::proto::flux::rpc::{Project, ReconcileProjectsRequest};
@@ -12,7 +13,6 @@ use kas::proto::gitlab_access::rpc::gitlab_access_client::GitlabAccessClient;
 use kas::proto::gitlab_access::rpc::{HttpRequest, RequestHeader, http_request, http_response};
 use kas::proto::reverse_tunnel::rpc::reverse_tunnel_client::ReverseTunnelClient;
 use kas::proto::reverse_tunnel::rpc::{AgentDescriptor, ConnectRequest, Descriptor, connect_request};
-use kas::store::now_ms;
 use tonic::codec::{CompressionEncoding, Streaming};
 use tonic::transport::Channel;
 

@@ -50,7 +50,7 @@ async fn crash_story(db: TestDb, env: Vec<(&'static str, String)>) {
             &kas::domain::ProjectPath::parse("crash/config").unwrap(),
             &token.digest(),
             None,
-            kas::store::now_ms(),
+            kas::clock::now_ms(),
         )
         .await
         .unwrap();

@@ -333,7 +333,7 @@ async fn sigterm_ends_websocket_streams_with_ok_before_exiting() {
     let token = kas::domain::AgentToken::generate();
     let name = kas::domain::AgentName::parse("ws-agent").unwrap();
     let project = kas::domain::ProjectPath::parse("g/ws-config").unwrap();
-    store.create_agent(&name, &project, &token.digest(), None, kas::store::now_ms()).await.unwrap();
+    store.create_agent(&name, &project, &token.digest(), None, kas::clock::now_ms()).await.unwrap();
     let (channel, _) = connect(replica.agent, Transport::WebSocket).await;
     let request = ReconcileProjectsRequest { project: vec![Project { id: "g/ws-config".into() }] };
     let mut stream = GitLabFluxClient::new(channel)

@@ -270,11 +270,11 @@ async fn database_failure_is_503_and_retry_succeeds_later() {
 async fn old_events_are_pruned() {
     let db = TestDb::sqlite();
     let store = db.open_store().await;
-    let old = kas::store::now_ms() - 3_600_000;
+    let old = kas::clock::now_ms() - 3_600_000;
     let recorded = store.record_pushes(&[crate::store_story::push("old", 1, "g/p", None, old)]).await.unwrap();
-    let kas::store::RecordOutcome::Recorded(old_notice) = &recorded[0] else { panic!("recorded") };
+    let kas::domain::RecordOutcome::Recorded(old_notice) = &recorded[0] else { panic!("recorded") };
     store.mark_published(&[old_notice.seq], old + 1).await.unwrap();
-    store.record_pushes(&[crate::store_story::push("new", 1, "g/p", None, kas::store::now_ms())]).await.unwrap();
+    store.record_pushes(&[crate::store_story::push("new", 1, "g/p", None, kas::clock::now_ms())]).await.unwrap();
     store.close().await;
     let app = TestApp::spawn(&db, |s| s.event_retention = Some("30m".into())).await;
     assert!(
@@ -290,7 +290,7 @@ async fn events_left_unpublished_are_swept() {
     // As if another replica recorded them and crashed before publishing.
     let db = TestDb::postgres().await;
     let app = TestApp::spawn(&db, |_| {}).await;
-    let orphan = kas::store::now_ms() - 10_000;
+    let orphan = kas::clock::now_ms() - 10_000;
     app.store.record_pushes(&[crate::store_story::push("orphan", 1, "g/p", None, orphan)]).await.unwrap();
     let swept = eventually(Duration::from_secs(10), || async {
         app.store.recent_pushes(1).await.unwrap()[0].published_at.is_some()

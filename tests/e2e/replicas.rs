@@ -280,7 +280,7 @@ async fn redis_over_tls() {
     let token = kas::domain::AgentToken::generate();
     let name = kas::domain::AgentName::parse("secure").unwrap();
     let project = kas::domain::ProjectPath::parse("g/tls").unwrap();
-    store.create_agent(&name, &project, &token.digest(), None, kas::store::now_ms()).await.unwrap();
+    store.create_agent(&name, &project, &token.digest(), None, kas::clock::now_ms()).await.unwrap();
     let client = reqwest::Client::new();
     let ready = eventually(SOON, || async {
         let r = client.get(format!("http://{}/readyz", a.http)).send().await.unwrap();

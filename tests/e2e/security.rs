@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use kas::domain::RecordOutcome;
 use kas::domain::{ProjectPath, ProjectUpdate, Visibility, merged_visibility};
-use kas::store::RecordOutcome;
 
 use crate::store_story::push;
 use crate::support::TestDb;
@@ -15,7 +15,7 @@ fn path(s: &str) -> ProjectPath {
 }
 
 /// What the registry says about project `id` after recording `batch` in one transaction.
-async fn record(store: &dyn kas::store::Store, batch: Vec<kas::store::NewPush>) -> Vec<bool> {
+async fn record(store: &dyn kas::store::Store, batch: Vec<kas::domain::NewEvent>) -> Vec<bool> {
     store
         .record_pushes(&batch)
         .await
@@ -38,7 +38,7 @@ async fn visibility_merge_story(db: TestDb) {
     assert_eq!(record(s, vec![push("k0", 1, "g/app", Some(Visibility::Public), 1000)]).await, [true]);
     // The webhook says private, GitLab's call (no visibility) comes last in the same batch.
     let mut grpc = push("k2", 1, "g/app", None, 1002);
-    grpc.source = kas::store::PushSource::GitPushEvent;
+    grpc.source = kas::domain::EventSource::GitPushEvent;
     let readable = record(s, vec![push("k1", 1, "g/app", Some(Visibility::Private), 1001), grpc]).await;
     assert_eq!(readable, [false, false], "neither push of the batch may be public");
     let info = s.project_by_path(&path("g/app")).await.unwrap().unwrap();
@@ -151,7 +151,7 @@ async fn hostile_redis_cannot_open_or_skip() {
 
     let mut conn = redis_conn().await;
     let channel = format!("{{{prefix}}}:events");
-    let now = kas::store::now_ms();
+    let now = kas::clock::now_ms();
     let last = a.store.last_seq().await.unwrap();
     for forged in [
         // Today's format with a number the log does not hold, and far ahead of it.
@@ -179,7 +179,7 @@ async fn hostile_redis_cannot_open_or_skip() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _: () = redis::cmd("SET")
         .arg(format!("{{{prefix}}}:pos:{}", stranger.id))
-        .arg(format!("1000000000:{}", kas::store::now_ms()))
+        .arg(format!("1000000000:{}", kas::clock::now_ms()))
         .query_async(&mut conn)
         .await
         .unwrap();

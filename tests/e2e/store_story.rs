@@ -1,7 +1,10 @@
 //! One story both storage backends must tell the same way.
 
-use kas::domain::{AgentName, AgentToken, ProjectInfo, ProjectPath, PushEvent, PushKind, RepositoryAccess, Visibility};
-use kas::store::{DeliveryPosition, NewPush, PushSource, RecordOutcome, StoreError};
+use kas::domain::{
+    AgentName, AgentToken, EventKind, ProjectInfo, ProjectPath, PushEvent, RepositoryAccess, Visibility,
+};
+use kas::domain::{DeliveryPosition, EventSource, NewEvent, RecordOutcome};
+use kas::store::StoreError;
 
 use crate::support::TestDb;
 
@@ -12,19 +15,19 @@ fn path(s: &str) -> ProjectPath {
     ProjectPath::parse(s).unwrap()
 }
 
-pub fn push(key: &str, id: i64, p: &str, visibility: Option<Visibility>, at: i64) -> NewPush {
-    NewPush {
+pub fn push(key: &str, id: i64, p: &str, visibility: Option<Visibility>, at: i64) -> NewEvent {
+    NewEvent {
         event: PushEvent {
             project_id: id,
             project_path: path(p),
-            kind: PushKind::Branch,
+            kind: EventKind::Push,
             git_ref: Some("refs/heads/main".into()),
             before: Some("a".repeat(40)),
             after: Some("b".repeat(40)),
             visibility,
         },
         idempotency_key: key.into(),
-        source: PushSource::Webhook,
+        source: EventSource::Webhook,
         received_at: at,
     }
 }

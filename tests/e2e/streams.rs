@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use kas::clock::now_ms;
 use kas::domain::{ProjectInfo, ProjectPath, RepositoryAccess, Visibility};
-use kas::store::now_ms;
 
 use crate::support::agent::{TestAgent, drain, next_project};
 use crate::support::{TestApp, TestDb, eventually};

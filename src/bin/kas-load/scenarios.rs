@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use kas::clock::now_ms;
 use kas::config::{Secret, StoreConfig};
 use kas::domain::{AgentName, AgentToken, ProjectInfo, ProjectPath, RepositoryAccess, Visibility};
-use kas::store::{Store, now_ms};
+use kas::store::Store;
 use sqlx::Connection;
 use tokio::sync::oneshot;
 

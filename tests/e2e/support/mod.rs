@@ -15,9 +15,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
+use kas::clock::now_ms;
 use kas::config::Settings;
 use kas::domain::{AgentName, AgentToken, ProjectPath};
-use kas::store::{AgentRecord, Store, now_ms};
+use kas::store::{AgentRecord, Store};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
