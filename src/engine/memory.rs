@@ -6,10 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{ConnectionRecord, Engine, EngineContext, EngineError, PodFilter, PodRecord, TooManyPods};
-use crate::clock::now_ms;
-use crate::domain::AgentId;
-use crate::domain::{DeliveryPosition, EventNotice};
+use super::{
+    Broadcast, ConnectionRecord, EngineContext, EngineError, PodFilter, PodRecord, PositionCache, Presence,
+    RefusalCache, TooManyPods,
+};
+use crate::clock::Clock;
+use crate::domain::{AgentId, DeliveryPosition, EventNotice};
 
 /// Engine for one replica without Redis.
 #[derive(Default)]
@@ -17,11 +19,21 @@ pub struct MemoryEngine {
     positions: Mutex<HashMap<AgentId, DeliveryPosition>>,
     connections: Mutex<HashMap<String, ConnectionRecord>>,
     pods: Mutex<HashMap<(AgentId, i64), PodRecord>>,
-    refusals: Mutex<HashMap<String, std::time::Instant>>,
+    /// Refused credential digests and until when (Unix milliseconds).
+    refusals: Mutex<HashMap<String, i64>>,
+    /// Registrations and refusals expire by this clock.
+    clock: Clock,
+}
+
+impl MemoryEngine {
+    /// An engine whose registrations and refusals expire by `clock`.
+    pub fn with_clock(clock: Clock) -> Self {
+        Self { clock, ..Self::default() }
+    }
 }
 
 #[async_trait]
-impl Engine for MemoryEngine {
+impl Broadcast for MemoryEngine {
     fn name(&self) -> &'static str {
         "memory"
     }
@@ -35,7 +47,10 @@ impl Engine for MemoryEngine {
     async fn ping(&self) -> Result<(), EngineError> {
         Ok(())
     }
+}
 
+#[async_trait]
+impl PositionCache for MemoryEngine {
     async fn save_position(&self, agent: AgentId, position: DeliveryPosition) -> Result<(), EngineError> {
         self.positions.lock().expect("positions lock").insert(agent, position);
         Ok(())
@@ -44,7 +59,10 @@ impl Engine for MemoryEngine {
     async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, EngineError> {
         Ok(self.positions.lock().expect("positions lock").get(&agent).copied())
     }
+}
 
+#[async_trait]
+impl Presence for MemoryEngine {
     async fn connection_opened(&self, record: ConnectionRecord) {
         self.connections.lock().expect("connections lock").insert(record.id.clone(), record);
     }
@@ -61,7 +79,7 @@ impl Engine for MemoryEngine {
 
     async fn register_pod(&self, mut pod: PodRecord, max_per_agent: usize) -> Result<(), TooManyPods> {
         let mut pods = self.pods.lock().expect("pods lock");
-        let now = now_ms();
+        let now = self.clock.now_ms();
         pods.retain(|_, p| p.expires_at > now);
         if let Some(existing) = pods.get(&(pod.agent_id, pod.pod_id)) {
             pod.connected_at = existing.connected_at;
@@ -77,7 +95,7 @@ impl Engine for MemoryEngine {
     }
 
     async fn pods(&self, filter: PodFilter) -> Result<Vec<PodRecord>, EngineError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut all: Vec<_> = self
             .pods
             .lock()
@@ -89,15 +107,57 @@ impl Engine for MemoryEngine {
         all.sort_by_key(|p| (p.agent_id, p.pod_id));
         Ok(all)
     }
+}
 
+#[async_trait]
+impl RefusalCache for MemoryEngine {
     async fn remember_refusal(&self, key: &str, ttl: std::time::Duration) {
         let mut refusals = self.refusals.lock().expect("refusals lock");
-        let now = std::time::Instant::now();
+        let now = self.clock.now_ms();
         refusals.retain(|_, until| *until > now);
-        refusals.insert(key.to_owned(), now + ttl);
+        refusals.insert(key.to_owned(), now + ttl.as_millis() as i64);
     }
 
     async fn was_refused(&self, key: &str) -> bool {
-        self.refusals.lock().expect("refusals lock").get(key).is_some_and(|until| *until > std::time::Instant::now())
+        self.refusals.lock().expect("refusals lock").get(key).is_some_and(|until| *until > self.clock.now_ms())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::AgentMetaRecord;
+
+    fn pod(agent: AgentId, pod_id: i64, expires_at: i64) -> PodRecord {
+        PodRecord {
+            agent_id: agent,
+            project_id: 1,
+            pod_id,
+            meta: AgentMetaRecord::default(),
+            connected_at: 0,
+            replica: "r".into(),
+            expires_at,
+        }
+    }
+
+    #[tokio::test]
+    async fn registrations_and_refusals_expire_by_the_engine_clock() {
+        let clock = Clock::manual(1_000_000);
+        let engine = MemoryEngine::with_clock(clock.clone());
+        engine.register_pod(pod(7, 1, 1_000_000 + 60_000), 1).await.unwrap();
+        engine.remember_refusal("digest", Duration::from_secs(30)).await;
+        assert_eq!(engine.pods(PodFilter::Agent(7)).await.unwrap().len(), 1);
+        assert!(engine.register_pod(pod(7, 2, 1_000_000 + 60_000), 1).await.is_err(), "one pod allowed");
+        assert!(engine.was_refused("digest").await);
+
+        clock.advance(Duration::from_secs(31));
+        assert!(!engine.was_refused("digest").await, "the refusal outlived its ttl");
+        assert_eq!(engine.pods(PodFilter::Agent(7)).await.unwrap().len(), 1);
+
+        clock.advance(Duration::from_secs(30));
+        assert!(engine.pods(PodFilter::Agent(7)).await.unwrap().is_empty(), "the registration outlived its expiry");
+        engine.register_pod(pod(7, 2, clock.now_ms() + 60_000), 1).await.expect("the expired pod no longer counts");
     }
 }

@@ -160,21 +160,32 @@ pub struct EngineContext {
     pub tasks: tokio_util::task::TaskTracker,
 }
 
-/// Fan-out across replicas, connection state and delivery positions.
+/// How recorded events reach every replica.
 #[async_trait]
-pub trait Engine: Send + Sync + 'static {
+pub trait Broadcast: Send + Sync + 'static {
     /// Short name for logs and `/readyz` (`memory`, `redis`).
     fn name(&self) -> &'static str;
-    /// Starts background work (subscriptions, heartbeats); returns at once.
+    /// Starts background work (subscriptions, heartbeats) on the server's task tracker; returns
+    /// at once.
     fn start(self: Arc<Self>, ctx: EngineContext);
     /// Makes recorded events reach every other replica's local delivery.
     async fn broadcast(&self, notices: &[EventNotice]) -> Result<(), EngineError>;
     /// Whether the backing service answers and this replica receives what others publish.
     async fn ping(&self) -> Result<(), EngineError>;
+}
+
+/// Delivery positions every replica can read: the fast copy; the database keeps the durable one.
+#[async_trait]
+pub trait PositionCache: Send + Sync + 'static {
     /// Saves how far an agent's notifications got, where every replica can read it.
     async fn save_position(&self, agent: AgentId, position: DeliveryPosition) -> Result<(), EngineError>;
     /// Reads an agent's delivery position.
     async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, EngineError>;
+}
+
+/// Who is connected where: open streams and pod registrations, across replicas.
+#[async_trait]
+pub trait Presence: Send + Sync + 'static {
     /// Records an open stream (best effort: a failure is repaired by the next heartbeat).
     async fn connection_opened(&self, record: ConnectionRecord);
     /// Forgets a closed stream (best effort).
@@ -189,8 +200,19 @@ pub trait Engine: Send + Sync + 'static {
     async fn unregister_pod(&self, agent: AgentId, pod_id: i64);
     /// Live registrations.
     async fn pods(&self, filter: PodFilter) -> Result<Vec<PodRecord>, EngineError>;
+}
+
+/// Credentials refused recently, remembered across replicas so a stranger's retries cost
+/// GitLab nothing.
+#[async_trait]
+pub trait RefusalCache: Send + Sync + 'static {
     /// Remembers for `ttl`, on every replica, that a credential (by digest) was refused.
     async fn remember_refusal(&self, key: &str, ttl: Duration);
     /// Whether a credential was refused recently, on any replica.
     async fn was_refused(&self, key: &str) -> bool;
 }
+
+/// Every role an engine plays; consumers take the one role they need.
+pub trait Engine: Broadcast + PositionCache + Presence + RefusalCache {}
+
+impl<T: Broadcast + PositionCache + Presence + RefusalCache> Engine for T {}
