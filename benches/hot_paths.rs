@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use kas::config::{Secret, StoreConfig};
-use kas::delivery::{Hub, HubConfig};
+use kas::delivery::{Hub, HubConfig, HubParts};
 use kas::domain::EventNotice;
 use kas::domain::{ProjectPath, access};
 use kas::engine::{LocalDelivery, MemoryEngine};
@@ -53,11 +53,18 @@ fn hub_with(
         };
         let store = kas::store::open(&config).await.unwrap();
         store.migrate().await.unwrap();
-        let hub = Hub::new(
-            Arc::new(RegistryDirectory::new(store.clone())),
+        let engine = Arc::new(MemoryEngine::default());
+        let parts = HubParts {
+            directory: Arc::new(RegistryDirectory::new(store.clone())),
             store,
-            Arc::new(MemoryEngine::default()),
-            Arc::new(Metrics::new()),
+            presence: engine.clone(),
+            positions: engine,
+            metrics: Arc::new(Metrics::new()),
+            tasks: tokio_util::task::TaskTracker::new(),
+            clock: kas::clock::Clock::system(),
+        };
+        let hub = Hub::new(
+            parts,
             HubConfig {
                 replay_window: Duration::from_secs(900),
                 replay_overlap: Duration::from_secs(120),
@@ -66,7 +73,6 @@ fn hub_with(
                 max_streams_per_agent: usize::MAX,
                 replica: "bench".into(),
             },
-            tokio_util::task::TaskTracker::new(),
         );
         let mut open = Vec::with_capacity(streams);
         for i in 0..streams {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_util::sync::CancellationToken;
 
 use crate::agentcfg::watch::ConfigWatch;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::Hub;
 use crate::engine::Engine;
@@ -43,6 +44,8 @@ pub struct App {
     pub readiness: Readiness,
     /// Cancelled when the server starts shutting down.
     pub shutdown: CancellationToken,
+    /// The time every part reads.
+    pub clock: Clock,
 }
 
 /// Readiness flags set by the parts that own them.

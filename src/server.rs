@@ -11,8 +11,9 @@ use tokio_util::task::TaskTracker;
 use crate::agentcfg::source::{ConfigSource, RegistryConfigSource};
 use crate::agentcfg::watch::ConfigWatch;
 use crate::app::{App, Readiness};
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::delivery::{Hub, HubConfig};
+use crate::delivery::{Hub, HubConfig, HubParts};
 use crate::engine::{DeliverToAll, Engine, EngineContext, LocalDelivery, MemoryEngine, RedisEngine, RedisTarget};
 use crate::gitlab::{GitLabClient, GitLabConfigSource, GitLabDirectory};
 use crate::gitlab_jwt::GitLabJwt;
@@ -113,6 +114,7 @@ pub async fn serve(
     }
     let token = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
+    let clock = Clock::system();
     let engine: Arc<dyn Engine> = match &config.redis_url {
         Some(url) => {
             let target = RedisTarget::parse(url.expose())
@@ -125,21 +127,26 @@ pub async fn serve(
                 key,
                 config.replay_window,
                 metrics.clone(),
+                clock.clone(),
             ))
         }
-        None => Arc::new(MemoryEngine::default()),
+        None => Arc::new(MemoryEngine::with_clock(clock.clone())),
     };
     let (directory, config_source) = identity(&config, &store, &engine, &metrics, &secrets)?;
     // Every background task joins one tracker: shutdown waits for it (positions are saved)
     // before the database closes.
     let background = TaskTracker::new();
     let hub = Hub::new(
-        directory.clone(),
-        store.clone(),
-        engine.clone(),
-        metrics.clone(),
+        HubParts {
+            directory: directory.clone(),
+            store: store.clone(),
+            presence: engine.clone(),
+            positions: engine.clone(),
+            metrics: metrics.clone(),
+            tasks: background.clone(),
+            clock: clock.clone(),
+        },
         hub_config(&config),
-        background.clone(),
     );
     hub.start(token.clone()).await;
     let config_watch = ConfigWatch::new(config_source, background.clone());
@@ -156,9 +163,9 @@ pub async fn serve(
         tasks: background.clone(),
     });
     let (outbox, outbox_tasks) =
-        Outbox::start(store.clone(), engine.clone(), local, metrics.clone(), config.event_retention);
+        Outbox::start(store.clone(), engine.clone(), local, metrics.clone(), config.event_retention, clock.clone());
     let writers = if config.store.database_url.expose().starts_with("sqlite:") { 1 } else { 4 };
-    let intake = Intake::start(store.clone(), outbox.clone(), metrics.clone(), writers);
+    let intake = Intake::start(store.clone(), outbox.clone(), metrics.clone(), writers, clock.clone());
     if config.gitlab_external_url.is_none() {
         tracing::warn!(
             "KAS_GITLAB_EXTERNAL_URL is not set: agents get an empty gitlab_external_url, so Flux never gets Receivers for GitLab's repositories"
@@ -177,6 +184,7 @@ pub async fn serve(
         secrets,
         readiness: Readiness::default(),
         shutdown: token.clone(),
+        clock,
         config,
     });
     listener::raise_open_file_limit(app.config.max_connections.total());

@@ -6,8 +6,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::hub::{Hub, StreamShared};
-use crate::clock::now_ms;
+use super::index::StreamShared;
+use super::limits::Slot;
+use super::revocation::{CredentialWatch, StreamEnd};
+use crate::clock::Clock;
+use crate::identity::AgentDirectory;
+use crate::metrics::Metrics;
 
 /// First wait before asking the directory again about a project it could not answer for; it
 /// doubles with every failure in a row, up to `ACCESS_RETRY_MAX`.
@@ -15,53 +19,48 @@ const ACCESS_RETRY: Duration = Duration::from_secs(1);
 /// Longest wait between access checks of one project.
 const ACCESS_RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// Why a stream ends with an error (a clean end is `None`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamEnd {
-    /// The agent's credential stopped working while the stream was open.
-    Revoked,
-    /// The credential could not be re-checked for longer than the credential grace: the agent
-    /// reconnects and is judged on fresh facts.
-    Unverified,
-}
-
-/// Ends a stream from outside (the credential re-check), saying why; the first reason wins.
-#[derive(Debug, Default)]
-pub struct EndSignal {
-    token: CancellationToken,
-    reason: std::sync::OnceLock<StreamEnd>,
-}
-
-impl EndSignal {
-    /// Ends the stream for `why`, unless it was ended already.
-    pub fn end(&self, why: StreamEnd) {
-        let _ = self.reason.set(why);
-        self.token.cancel();
-    }
-
-    /// Whether it was ended.
-    pub fn is_ended(&self) -> bool {
-        self.token.is_cancelled()
-    }
-
-    /// Completes when the stream is ended, with the reason.
-    pub async fn ended(&self) -> StreamEnd {
-        self.token.cancelled().await;
-        self.reason.get().copied().unwrap_or(StreamEnd::Revoked)
-    }
-}
+/// What a stream does when it is dropped: unregister and hand over its final position.
+pub(super) type OnClose = Box<dyn FnOnce(&Arc<StreamShared>) + Send + Sync>;
 
 /// An open stream's delivery side. Dropping it unregisters the stream and saves its position.
 pub struct ReconcileStream {
-    hub: Arc<Hub>,
     shared: Arc<StreamShared>,
+    directory: Arc<dyn AgentDirectory>,
+    metrics: Arc<Metrics>,
+    clock: Clock,
     closing: CancellationToken,
     done: bool,
+    /// Unregisters the stream and saves its position; run once, on drop.
+    on_close: Option<OnClose>,
+    /// Held for the stream's lifetime: its place under the per-agent limit and its credential's
+    /// re-check (dropped after `on_close` ran).
+    _slot: Slot,
+    _credential: CredentialWatch,
+}
+
+/// What a stream needs besides its own state.
+pub(super) struct StreamParts {
+    pub directory: Arc<dyn AgentDirectory>,
+    pub metrics: Arc<Metrics>,
+    pub clock: Clock,
+    pub slot: Slot,
+    pub credential: CredentialWatch,
+    pub on_close: OnClose,
 }
 
 impl ReconcileStream {
-    pub(super) fn new(hub: Arc<Hub>, shared: Arc<StreamShared>, closing: CancellationToken) -> Self {
-        Self { hub, shared, closing, done: false }
+    pub(super) fn new(shared: Arc<StreamShared>, parts: StreamParts, closing: CancellationToken) -> Self {
+        Self {
+            shared,
+            directory: parts.directory,
+            metrics: parts.metrics,
+            clock: parts.clock,
+            closing,
+            done: false,
+            on_close: Some(parts.on_close),
+            _slot: parts.slot,
+            _credential: parts.credential,
+        }
     }
 
     /// The agent this stream serves.
@@ -87,15 +86,15 @@ impl ReconcileStream {
             };
             if let Some((path, entry)) = popped {
                 // The access rule, applied before every send.
-                match self.hub.directory.may_notify(&self.shared.agent, &path, entry.world_readable).await {
+                match self.directory.may_notify(&self.shared.agent, &path, entry.world_readable).await {
                     Ok(allowed) => {
                         self.shared.pending.lock().expect("pending lock").settled(&path);
                         if !allowed {
                             continue;
                         }
-                        let metrics = &self.hub.metrics;
+                        let metrics = &self.metrics;
                         metrics.notifications_sent.inc();
-                        let waited_ms = (now_ms() - entry.received_at).max(0);
+                        let waited_ms = (self.clock.now_ms() - entry.received_at).max(0);
                         metrics.intake_to_send_seconds.observe(waited_ms as f64 / 1000.0);
                         return Some(Ok(path));
                     }
@@ -108,7 +107,7 @@ impl ReconcileStream {
                         let wait = ACCESS_RETRY.saturating_mul(1 << failures.min(6)).min(ACCESS_RETRY_MAX);
                         pending.defer(path.clone(), entry, tokio::time::Instant::now() + wait);
                         drop(pending);
-                        self.hub.metrics.access_check_failures.inc();
+                        self.metrics.access_check_failures.inc();
                         tracing::warn!(error = %e, agent = self.shared.agent.id, project = %path, retry_in = ?wait, "cannot check access; will retry");
                         continue;
                     }
@@ -136,6 +135,8 @@ impl ReconcileStream {
 
 impl Drop for ReconcileStream {
     fn drop(&mut self) {
-        self.hub.close(&self.shared);
+        if let Some(close) = self.on_close.take() {
+            close(&self.shared);
+        }
     }
 }

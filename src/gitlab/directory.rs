@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use super::client::{GitLabClient, GitLabError, Lane};
 use crate::config::Secret;
 use crate::domain::{AgentId, AgentToken};
-use crate::engine::Engine;
+use crate::engine::RefusalCache;
 use crate::identity::{AgentDirectory, AgentIdentity, IdentityError, Rechecked};
 
 /// How long a refusal is remembered, as upstream.
@@ -85,7 +85,7 @@ struct Access {
 /// Agents, tokens and access from GitLab.
 pub struct GitLabDirectory {
     client: Arc<GitLabClient>,
-    engine: Arc<dyn Engine>,
+    refusals: Arc<dyn RefusalCache>,
     ttl: Duration,
     known: Mutex<HashMap<i64, Known>>,
     refused: Mutex<Refusals>,
@@ -124,11 +124,11 @@ fn token_key(token: &AgentToken) -> (String, i64) {
 
 impl GitLabDirectory {
     /// A directory asking `client`, caching good answers for `ttl`.
-    pub fn new(client: Arc<GitLabClient>, engine: Arc<dyn Engine>, ttl: Duration) -> Self {
+    pub fn new(client: Arc<GitLabClient>, refusals: Arc<dyn RefusalCache>, ttl: Duration) -> Self {
         let gauge = client.metrics().gitlab_cache("refusals");
         Self {
             client,
-            engine,
+            refusals,
             ttl,
             known: Mutex::default(),
             refused: Mutex::new(Refusals::new(MAX_REFUSALS, gauge)),
@@ -146,7 +146,7 @@ impl GitLabDirectory {
     async fn refuse(&self, key: &str, kind: RefusalKind) -> IdentityError {
         self.refused.lock().expect("refused lock").insert(key.to_owned(), kind);
         if matches!(kind, RefusalKind::Unauthenticated) {
-            self.engine.remember_refusal(key, REFUSAL_TTL).await;
+            self.refusals.remember_refusal(key, REFUSAL_TTL).await;
         }
         kind.error()
     }
@@ -242,7 +242,7 @@ impl AgentDirectory for GitLabDirectory {
             Cached::Answer(answer) => return answer,
             Cached::Ask(lane) => lane,
         };
-        if self.engine.was_refused(&key).await {
+        if self.refusals.was_refused(&key).await {
             self.refused.lock().expect("refused lock").insert(key, RefusalKind::Unauthenticated);
             return Err(IdentityError::Unauthenticated);
         }

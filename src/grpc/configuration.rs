@@ -16,7 +16,6 @@ use super::OpenGauge;
 use crate::agentcfg::source::{ConfigSnapshot, ConfigSourceError};
 use crate::agentcfg::{self, AgentConfigFile, LogLevel};
 use crate::app::App;
-use crate::clock::now_ms;
 use crate::engine::{AgentMetaRecord, PodRecord, REGISTRATION_TTL};
 use crate::identity::AgentIdentity;
 use crate::proto::agent_configuration::rpc::agent_configuration_server::AgentConfiguration;
@@ -95,7 +94,7 @@ pub(crate) fn meta_record(raw: &[u8], max_bytes: usize) -> Result<AgentMetaRecor
 
 /// A registration record for `agent`'s pod.
 pub(crate) fn pod_record(app: &App, agent: &AgentIdentity, pod_id: i64, meta: AgentMetaRecord) -> PodRecord {
-    let now = now_ms();
+    let now = app.clock.now_ms();
     PodRecord {
         agent_id: agent.id,
         project_id: agent.config_project_id.unwrap_or(0),

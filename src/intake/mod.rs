@@ -15,7 +15,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::clock::now_ms;
+use crate::clock::Clock;
 use crate::domain::PushEvent;
 use crate::domain::{EventSource, NewEvent, RecordOutcome};
 use crate::metrics::Metrics;
@@ -60,11 +60,19 @@ pub struct Intake {
     metrics: Arc<Metrics>,
     closed: CancellationToken,
     writers: TaskTracker,
+    /// Stamps each push's receipt time.
+    clock: Clock,
 }
 
 impl Intake {
     /// Starts `writers` writer tasks over `store`, handing recorded events to `outbox`.
-    pub fn start(store: Arc<dyn Store>, outbox: Arc<Outbox>, metrics: Arc<Metrics>, writers: usize) -> Self {
+    pub fn start(
+        store: Arc<dyn Store>,
+        outbox: Arc<Outbox>,
+        metrics: Arc<Metrics>,
+        writers: usize,
+        clock: Clock,
+    ) -> Self {
         let (jobs, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let closed = CancellationToken::new();
@@ -73,7 +81,7 @@ impl Intake {
             tracker.spawn(write_batches(rx.clone(), store.clone(), outbox.clone(), metrics.clone(), closed.clone()));
         }
         tracker.close();
-        Self { jobs, metrics, closed, writers: tracker }
+        Self { jobs, metrics, closed, writers: tracker, clock }
     }
 
     /// Records a push; `key` de-duplicates redeliveries (a random one is used when absent).
@@ -93,7 +101,7 @@ impl Intake {
             return Err(IntakeError::ShuttingDown);
         }
         let (reply, answer) = oneshot::channel();
-        let push = NewEvent { event, idempotency_key, source, received_at: now_ms() };
+        let push = NewEvent { event, idempotency_key, source, received_at: self.clock.now_ms() };
         let result = tokio::time::timeout(RECORD_TIMEOUT, async {
             self.jobs.send(Job { push, reply }).await.map_err(|_| IntakeError::ShuttingDown)?;
             answer.await.map_err(|_| IntakeError::ShuttingDown)?

@@ -11,9 +11,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::clock::now_ms;
+use crate::clock::Clock;
 use crate::domain::EventNotice;
-use crate::engine::{Engine, LocalDelivery};
+use crate::engine::{Broadcast, LocalDelivery};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -46,22 +46,24 @@ pub struct OutboxTasks {
 
 struct Shared {
     store: Arc<dyn Store>,
-    engine: Arc<dyn Engine>,
+    engine: Arc<dyn Broadcast>,
     local: Arc<dyn LocalDelivery>,
     metrics: Arc<Metrics>,
+    clock: Clock,
 }
 
 impl Outbox {
     /// Starts the publisher, the sweeper and retention.
     pub fn start(
         store: Arc<dyn Store>,
-        engine: Arc<dyn Engine>,
+        engine: Arc<dyn Broadcast>,
         local: Arc<dyn LocalDelivery>,
         metrics: Arc<Metrics>,
         retention: Duration,
+        clock: Clock,
     ) -> (Arc<Self>, OutboxTasks) {
         let (queue, rx) = mpsc::channel(QUEUE);
-        let shared = Arc::new(Shared { store, engine, local, metrics: metrics.clone() });
+        let shared = Arc::new(Shared { store, engine, local, metrics: metrics.clone(), clock });
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         tracker.spawn(publish_queued(rx, shared.clone()));
@@ -112,7 +114,7 @@ async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tokio::time::sleep(SWEEP_EVERY) => {}
         }
         loop {
-            let now = now_ms();
+            let now = shared.clock.now_ms();
             let claimed = match shared.store.claim_unpublished(now - SWEEP_AFTER_MS, now, LEASE_MS, SWEEP_BATCH).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -141,7 +143,7 @@ impl Shared {
             Ok(()) => {
                 let seqs: Vec<i64> = batch.iter().map(|n| n.seq).collect();
                 self.metrics.events_published.inc_by(seqs.len() as u64);
-                if let Err(e) = self.store.mark_published(&seqs, now_ms()).await {
+                if let Err(e) = self.store.mark_published(&seqs, self.clock.now_ms()).await {
                     // Harmless: the sweeper will publish them again (at least once).
                     tracing::warn!(error = %e, "cannot mark events published");
                 }
@@ -159,7 +161,7 @@ impl Shared {
 
 async fn prune(shared: Arc<Shared>, retention: Duration, stop: CancellationToken) {
     loop {
-        let before = now_ms() - retention.as_millis() as i64;
+        let before = shared.clock.now_ms() - retention.as_millis() as i64;
         loop {
             match shared.store.prune_pushes(before, PRUNE_BATCH).await {
                 Ok(n) => {

@@ -3,6 +3,7 @@
 //! implementation (sqlx, runtime queries, embedded migrations).
 
 mod postgres;
+mod replay;
 mod sql;
 mod sqlite;
 
@@ -17,6 +18,7 @@ use crate::domain::{
 };
 
 pub use postgres::PostgresStore;
+pub use replay::{LogReplay, replay_log};
 pub use sqlite::SqliteStore;
 
 /// Most active tokens an agent may have at once, as GitLab allows.

@@ -10,9 +10,9 @@ use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use super::{OP_TIMEOUT, RedisEngine};
-use crate::clock::now_ms;
 use crate::domain::EventNotice;
 use crate::engine::{Broadcast, EngineContext, EngineError};
+use crate::store::{LogReplay, replay_log};
 
 /// How often the subscription is checked with a PING.
 const SUBSCRIPTION_PING: Duration = Duration::from_secs(2);
@@ -98,28 +98,20 @@ impl RedisEngine {
     /// Delivers what was recorded since `since` (less an overlap) from the event log; false when
     /// the log could not be read (the gap stays open).
     pub(super) async fn catch_up(&self, ctx: &EngineContext, since: i64) -> bool {
-        let not_before = now_ms() - ctx.replay_window.as_millis() as i64;
-        let mut overlap_from = since - CATCH_UP_OVERLAP_MS;
-        let mut after = i64::MAX;
-        let mut total = 0usize;
-        loop {
-            let page = match ctx.store.pushes_since(after, overlap_from, not_before, &[], CATCH_UP_PAGE).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot catch up from the event log; will try again");
-                    return false;
-                }
-            };
-            total += page.len();
-            ctx.local.deliver(&page);
-            match page.last() {
-                Some(last) if page.len() as i64 == CATCH_UP_PAGE => {
-                    after = last.seq;
-                    overlap_from = i64::MAX;
-                }
-                _ => break,
+        let query = LogReplay {
+            after_seq: i64::MAX,
+            overlap_from: since - CATCH_UP_OVERLAP_MS,
+            not_before: self.clock.now_ms() - ctx.replay_window.as_millis() as i64,
+            projects: &[],
+            page: CATCH_UP_PAGE,
+        };
+        let total = match replay_log(&*ctx.store, query, |page| ctx.local.deliver(page)).await {
+            Ok(total) => total,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot catch up from the event log; will try again");
+                return false;
             }
-        }
+        };
         tracing::info!(events = total, "caught up from the event log after a gap in the Redis subscription");
         true
     }
@@ -148,7 +140,7 @@ impl RedisEngine {
                         warned = true;
                     }
                     self.metrics.engine_errors.inc();
-                    gap_since.get_or_insert_with(now_ms);
+                    gap_since.get_or_insert_with(|| self.clock.now_ms());
                     tokio::select! {
                         _ = ctx.shutdown.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -180,7 +172,7 @@ impl RedisEngine {
                     message = stream.next() => match message {
                         Some(m) => {
                             // Everything already waiting goes into one database lookup.
-                            let received = now_ms();
+                            let received = self.clock.now_ms();
                             let mut seqs = Vec::new();
                             self.announced(m.get_payload_bytes(), &mut seqs);
                             let mut ended = false;
@@ -211,7 +203,7 @@ impl RedisEngine {
                 }
             }
             self.subscribed.store(false, Ordering::Release);
-            let lost_at = now_ms();
+            let lost_at = self.clock.now_ms();
             gap_since = Some(gap_since.map_or(lost_at, |g| g.min(lost_at)));
             self.metrics.engine_errors.inc();
             tracing::warn!("lost the Redis subscription; will catch up from the event log once it is back");

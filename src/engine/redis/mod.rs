@@ -40,6 +40,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, Pipeline};
 
 use super::{ConnectionRecord, EngineError, PodRecord};
+use crate::clock::Clock;
 use crate::config::Secret;
 use crate::domain::AgentId;
 use crate::metrics::Metrics;
@@ -128,6 +129,8 @@ pub struct RedisEngine {
     healthy: AtomicBool,
     rewrite_connections: AtomicBool,
     metrics: Arc<Metrics>,
+    /// Registrations, heartbeats and catch-up windows are timed by it.
+    clock: Clock,
 }
 
 impl RedisEngine {
@@ -140,6 +143,7 @@ impl RedisEngine {
         key: Secret<Vec<u8>>,
         replay_window: Duration,
         metrics: Arc<Metrics>,
+        clock: Clock,
     ) -> Self {
         let mut suffix = [0u8; 4];
         getrandom::fill(&mut suffix).expect("system randomness");
@@ -158,6 +162,7 @@ impl RedisEngine {
             healthy: AtomicBool::new(true),
             rewrite_connections: AtomicBool::new(true),
             metrics,
+            clock,
         }
     }
 

@@ -10,7 +10,6 @@ use async_trait::async_trait;
 use redis::Pipeline;
 
 use super::RedisEngine;
-use crate::clock::now_ms;
 use crate::domain::AgentId;
 use crate::engine::{ConnectionRecord, EngineContext, EngineError, PodFilter, PodRecord, Presence, TooManyPods};
 
@@ -49,7 +48,7 @@ impl RedisEngine {
     /// rewrites its pod registrations (only after a failed write: a periodic rewrite would bring
     /// back a pod that unregistered through another replica).
     pub(super) async fn heartbeat(&self, full: bool, repair: bool) -> Result<(), EngineError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let key = self.keys.connections(&self.replica);
         let ttl = REPLICA_TTL.as_secs();
         let mut pipe = redis::pipe();
@@ -94,7 +93,7 @@ impl RedisEngine {
     }
 
     pub(super) fn write_pod(&self, pipe: &mut Pipeline, pod: &PodRecord) {
-        let ttl = ((pod.expires_at - now_ms()) / 1000).max(1);
+        let ttl = ((pod.expires_at - self.clock.now_ms()) / 1000).max(1);
         let json = serde_json::to_string(pod).expect("serializable");
         let agent_key = self.keys.agent_pods(pod.agent_id);
         pipe.cmd("HSET").arg(&agent_key).arg(pod.pod_id).arg(json).ignore();
@@ -114,7 +113,7 @@ impl RedisEngine {
             pipe.cmd("HVALS").arg(format!("{}:pods:agent:{a}", self.keys.prefix));
         }
         let tables: Vec<Vec<String>> = self.run(&pipe).await?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         Ok(tables
             .into_iter()
             .flatten()
@@ -158,7 +157,10 @@ impl Presence for RedisEngine {
 
     async fn connections(&self) -> Result<Vec<ConnectionRecord>, EngineError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("ZRANGEBYSCORE").arg(&self.keys.replicas).arg(now_ms() - REPLICA_TTL.as_millis() as i64).arg("+inf");
+        pipe.cmd("ZRANGEBYSCORE")
+            .arg(&self.keys.replicas)
+            .arg(self.clock.now_ms() - REPLICA_TTL.as_millis() as i64)
+            .arg("+inf");
         let (replicas,): (Vec<String>,) = self.run(&pipe).await?;
         if replicas.is_empty() {
             return Ok(Vec::new());
@@ -176,7 +178,7 @@ impl Presence for RedisEngine {
 
     async fn register_pod(&self, mut pod: PodRecord, max_per_agent: usize) -> Result<(), TooManyPods> {
         let key = self.keys.agent_pods(pod.agent_id);
-        let now = now_ms();
+        let now = self.clock.now_ms();
         // The agent's registrations on every replica: the live ones count against the limit,
         // the expired ones are removed (the table's own TTL is renewed by every registration,
         // so a pod that stopped without unregistering would otherwise stay in it).
