@@ -11,7 +11,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::Hub;
 use crate::engine::Engine;
-use crate::gitlab_jwt::GitLabJwt;
+use crate::gitlab::jwt::GitLabJwt;
 use crate::identity::AgentDirectory;
 use crate::intake::Intake;
 use crate::metrics::Metrics;

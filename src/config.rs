@@ -542,7 +542,7 @@ fn default_replica_name() -> String {
         .unwrap_or_else(|| "kas".into());
     let mut suffix = [0u8; 3];
     let _ = getrandom::fill(&mut suffix);
-    format!("{host}-{:02x}{:02x}{:02x}", suffix[0], suffix[1], suffix[2])
+    format!("{host}-{}", crate::hex::encode(&suffix))
 }
 
 /// TOML values may be strings, integers or booleans; they are kept as strings and parsed with

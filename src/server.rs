@@ -15,8 +15,8 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::{Hub, HubConfig, HubParts};
 use crate::engine::{DeliverToAll, Engine, EngineContext, LocalDelivery, MemoryEngine, RedisEngine, RedisTarget};
+use crate::gitlab::jwt::GitLabJwt;
 use crate::gitlab::{GitLabClient, GitLabConfigSource, GitLabDirectory};
-use crate::gitlab_jwt::GitLabJwt;
 use crate::identity::{AgentDirectory, RegistryDirectory};
 use crate::intake::{Intake, Outbox};
 use crate::listener::{self, ListenerSettings};
@@ -261,7 +261,7 @@ pub async fn serve(
 async fn engine_key(store: &dyn crate::store::Store) -> Result<crate::config::Secret<Vec<u8>>, ServeError> {
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).expect("system randomness");
-    let candidate = crate::domain::agent::hex(&raw);
+    let candidate = crate::hex::encode(&raw);
     let key = store.shared_key("redis-signing", &candidate, crate::clock::now_ms()).await?;
     Ok(crate::config::Secret::new(key.into_bytes()))
 }

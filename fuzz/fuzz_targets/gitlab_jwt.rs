@@ -11,7 +11,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey};
-use kas::gitlab_jwt::{GitLabJwt, KAS_AUDIENCE};
+use kas::gitlab::jwt::{GitLabJwt, KAS_AUDIENCE};
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
 use serde_json::Value;

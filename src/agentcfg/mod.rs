@@ -167,7 +167,7 @@ pub fn commit_id(text: &str, agent_id: i64, project_id: i64, project_path: &str,
         h.update(part.as_bytes());
         h.update([0u8]);
     }
-    h.finalize()[..20].iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(&h.finalize()[..20])
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use tonic::codec::CompressionEncoding;
 use super::client::ConnectArgs;
 use super::{CliError, io};
 use crate::domain::ProjectPath;
-use crate::gitlab_jwt::GitLabJwt;
+use crate::gitlab::jwt::GitLabJwt;
 use crate::proto::event::{GitPushEvent, Project};
 use crate::proto::notifications::rpc::GitPushEventRequest;
 use crate::proto::notifications::rpc::notifications_client::NotificationsClient;

@@ -86,7 +86,7 @@ impl AgentToken {
 
     /// The SHA-256 digest the registry stores instead of the token.
     pub fn digest(&self) -> TokenDigest {
-        TokenDigest(hex(&Sha256::digest(self.0.as_bytes())))
+        TokenDigest(crate::hex::encode(&Sha256::digest(self.0.as_bytes())))
     }
 }
 
@@ -105,15 +105,6 @@ impl TokenDigest {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use serde::Deserialize;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::Secret;
-use crate::gitlab_jwt::GitLabJwt;
+use crate::gitlab::jwt::GitLabJwt;
 use crate::metrics::Metrics;
 
 /// Longest wait for one call, connection included.

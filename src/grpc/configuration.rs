@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -16,12 +15,11 @@ use super::OpenGauge;
 use crate::agentcfg::source::{ConfigSnapshot, ConfigSourceError};
 use crate::agentcfg::{self, AgentConfigFile, LogLevel};
 use crate::app::App;
-use crate::engine::{AgentMetaRecord, PodRecord, REGISTRATION_TTL};
+use crate::engine::AgentMetaRecord;
 use crate::identity::AgentIdentity;
 use crate::proto::agent_configuration::rpc::agent_configuration_server::AgentConfiguration;
 use crate::proto::agent_configuration::rpc::{ConfigurationRequest, ConfigurationResponse};
 use crate::proto::agentcfg::{self as cf, LogLevelEnum};
-use crate::proto::entity::AgentMeta;
 
 /// How often a configuration stream that registered its pod refreshes the registration.
 const REGISTRATION_REFRESH: Duration = Duration::from_secs(4 * 60);
@@ -59,7 +57,10 @@ impl AgentConfiguration for ConfigurationService {
             (Some(raw), false) => {
                 let mut id = [0u8; 8];
                 getrandom::fill(&mut id).expect("random source");
-                Some(((i64::from_le_bytes(id) & i64::MAX).max(1), meta_record(raw, app.config.max_agent_meta)?))
+                Some((
+                    (i64::from_le_bytes(id) & i64::MAX).max(1),
+                    super::registrar::meta_record(raw, app.config.max_agent_meta)?,
+                ))
             }
             _ => None,
         };
@@ -67,42 +68,6 @@ impl AgentConfiguration for ConfigurationService {
         tracing::info!(agent = agent.id, name = %agent.name, "GetConfiguration stream opened");
         tokio::spawn(serve(app, agent, request.commit_id, registration, closing, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-/// Reads agentk's `AgentMeta` (sent as bytes, see proto/README.md) for the connection state,
-/// keeping the bytes themselves so fields kas does not know reach GitLab unchanged. At most
-/// `max_bytes` are kept per pod: the record lives in memory and in Redis for every replica.
-pub(crate) fn meta_record(raw: &[u8], max_bytes: usize) -> Result<AgentMetaRecord, Status> {
-    use base64::Engine as _;
-    if raw.len() > max_bytes {
-        return Err(Status::invalid_argument(format!(
-            "agent_meta is {} bytes; at most {max_bytes} are accepted",
-            raw.len()
-        )));
-    }
-    let meta = AgentMeta::decode(raw).map_err(|e| Status::invalid_argument(format!("agent_meta: {e}")))?;
-    Ok(AgentMetaRecord {
-        version: meta.version,
-        commit_id: meta.commit_id,
-        pod_namespace: meta.pod_namespace,
-        pod_name: meta.pod_name,
-        kubernetes_version: meta.kubernetes_version.map(|k| [k.major, k.minor, k.git_version, k.platform]),
-        raw: base64::engine::general_purpose::STANDARD.encode(raw),
-    })
-}
-
-/// A registration record for `agent`'s pod.
-pub(crate) fn pod_record(app: &App, agent: &AgentIdentity, pod_id: i64, meta: AgentMetaRecord) -> PodRecord {
-    let now = app.clock.now_ms();
-    PodRecord {
-        agent_id: agent.id,
-        project_id: agent.config_project_id.unwrap_or(0),
-        pod_id,
-        meta,
-        connected_at: now,
-        replica: app.config.replica_name.clone(),
-        expires_at: now + REGISTRATION_TTL.as_millis() as i64,
     }
 }
 
@@ -125,7 +90,10 @@ async fn serve(
     if let Some((pod_id, meta)) = &registration
         && let Err(e) = app
             .engine
-            .register_pod(pod_record(&app, &agent, *pod_id, meta.clone()), app.config.max_pods_per_agent)
+            .register_pod(
+                super::registrar::pod_record(&app, &agent, *pod_id, meta.clone()),
+                app.config.max_pods_per_agent,
+            )
             .await
     {
         let _ = tx.send(Err(super::too_many_pods(e))).await;
@@ -175,7 +143,7 @@ async fn serve(
                 _ = refresh.tick() => {
                     if let Some((pod_id, meta)) = &registration {
                         // A refresh of a pod already registered is never refused.
-                        let pod = pod_record(&app, &agent, *pod_id, meta.clone());
+                        let pod = super::registrar::pod_record(&app, &agent, *pod_id, meta.clone());
                         if let Err(e) = app.engine.register_pod(pod, app.config.max_pods_per_agent).await {
                             tracing::warn!(agent = agent.id, error = %e, "cannot refresh a pod registration");
                         }

@@ -178,6 +178,5 @@ async fn write_batches(
 fn random_key() -> String {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b).expect("the operating system's random source failed");
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("kas:{hex}")
+    format!("kas:{}", crate::hex::encode(&b))
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use kas::gitlab_jwt::GitLabJwt;
+use kas::gitlab::jwt::GitLabJwt;
 use kas::proto::agent_configuration::rpc::ConfigurationRequest;
 use kas::proto::agent_configuration::rpc::agent_configuration_client::AgentConfigurationClient;
 use kas::proto::agent_registrar::rpc::RegisterRequest;

@@ -99,7 +99,7 @@ fn sign(key: &[u8], parts: &[&str]) -> String {
         mac.update(p.as_bytes());
         mac.update(b"\0");
     }
-    crate::domain::agent::hex(&mac.finalize().into_bytes())
+    crate::hex::encode(&mac.finalize().into_bytes())
 }
 
 /// Whether `tag` is the HMAC of `parts`, in constant time.
@@ -152,7 +152,7 @@ impl RedisEngine {
             conn: tokio::sync::Mutex::new(None),
             last_connect_failure: Mutex::new(None),
             keys: Keys::new(prefix),
-            replica: format!("{replica}#{}", crate::domain::agent::hex(&suffix)),
+            replica: format!("{replica}#{}", crate::hex::encode(&suffix)),
             key,
             // Positions outlive the window they serve, then expire on their own.
             position_ttl: (replay_window * 2).max(Duration::from_secs(3600)),
