@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::agentcfg::watch::ConfigWatch;
 use crate::clock::Clock;
@@ -46,6 +47,8 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// The time every part reads.
     pub clock: Clock,
+    /// The server's background tasks, which shutdown waits for before the database closes.
+    pub tasks: TaskTracker,
 }
 
 /// Readiness flags set by the parts that own them.

@@ -185,6 +185,7 @@ pub async fn serve(
         readiness: Readiness::default(),
         shutdown: token.clone(),
         clock,
+        tasks: background.clone(),
         config,
     });
     listener::raise_open_file_limit(app.config.max_connections.total());

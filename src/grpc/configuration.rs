@@ -66,7 +66,8 @@ impl AgentConfiguration for ConfigurationService {
         };
         let (tx, rx) = mpsc::channel(1);
         tracing::info!(agent = agent.id, name = %agent.name, "GetConfiguration stream opened");
-        tokio::spawn(serve(app, agent, request.commit_id, registration, closing, tx));
+        // On the server's tracker: shutdown waits for the stream to unregister its pod.
+        app.tasks.spawn(serve(app.clone(), agent, request.commit_id, registration, closing, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
