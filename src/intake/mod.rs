@@ -6,6 +6,7 @@
 //! paying one commit per push. A push is acknowledged only once its transaction committed.
 
 pub mod outbox;
+pub mod registry;
 pub mod webhook;
 
 use std::sync::Arc;
