@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::agentcfg::source::{ConfigSource, RegistryConfigSource};
 use crate::agentcfg::watch::ConfigWatch;
 use crate::app::{App, Readiness};
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::delivery::{Hub, HubConfig};
 use crate::engine::{DeliverToAll, Engine, EngineContext, LocalDelivery, MemoryEngine, RedisEngine, RedisTarget};
 use crate::gitlab::{GitLabClient, GitLabConfigSource, GitLabDirectory};
@@ -157,7 +157,11 @@ pub async fn serve(
     });
     let (outbox, outbox_tasks) =
         Outbox::start(store.clone(), engine.clone(), local, metrics.clone(), config.event_retention);
-    let writers = if config.store.database_url.expose().starts_with("sqlite:") { 1 } else { 4 };
+    // SQLite has one writer at a time; more writer tasks would only queue on its lock.
+    let writers = match config.store.backend() {
+        Backend::Sqlite => 1,
+        Backend::Postgres => 4,
+    };
     let intake = Intake::start(store.clone(), outbox.clone(), metrics.clone(), writers);
     if config.gitlab_external_url.is_none() {
         tracing::warn!(
@@ -222,7 +226,7 @@ pub async fn serve(
     tracing::info!(
         http = %addrs.0, agent = %addrs.1, api = %addrs.2,
         engine = app.engine.name(),
-        database = if app.config.store.database_url.expose().starts_with("sqlite:") { "sqlite" } else { "postgres" },
+        database = app.config.store.backend().as_str(),
         replica = %app.config.replica_name,
         "kas is serving"
     );

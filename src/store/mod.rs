@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::StoreConfig;
+use crate::config::{Backend, StoreConfig};
 use crate::domain::{AgentId, AgentName, ProjectInfo, ProjectPath, PushEvent, PushKind, TokenDigest};
 
 pub use postgres::PostgresStore;
@@ -180,16 +180,23 @@ pub struct DeliveryPosition {
     pub at: i64,
 }
 
-/// The storage interface every backend implements.
+/// The database as a whole: its schema, its health, closing it, and the keys replicas agree on.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Lifecycle: Send + Sync + 'static {
     /// Applies the embedded migrations.
     async fn migrate(&self) -> Result<(), StoreError>;
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Closes the pool.
     async fn close(&self);
+    /// The shared key called `name`: the stored one, or `candidate` when none was stored yet
+    /// (the first replica to ask stores its candidate; every other one reads it).
+    async fn shared_key(&self, name: &str, candidate: &str, now: i64) -> Result<String, StoreError>;
+}
 
+/// Agents and their configuration files.
+#[async_trait]
+pub trait AgentRegistry: Send + Sync + 'static {
     /// Creates an agent together with its first token (and its configuration file, already
     /// validated), in one transaction.
     async fn create_agent(
@@ -214,7 +221,11 @@ pub trait Store: Send + Sync + 'static {
     async fn agent(&self, id: AgentId) -> Result<Option<AgentRecord>, StoreError>;
     /// Deletes an agent and its tokens; false when it did not exist.
     async fn delete_agent(&self, id: AgentId) -> Result<bool, StoreError>;
+}
 
+/// Agent tokens: issuing, listing and revoking them, and finding the agent a token belongs to.
+#[async_trait]
+pub trait Credentials: Send + Sync + 'static {
     /// Adds a token, refusing when the agent already has `MAX_ACTIVE_TOKENS` active ones.
     async fn create_token(&self, agent: AgentId, digest: &TokenDigest, now: i64) -> Result<TokenRecord, StoreError>;
     /// An agent's tokens, by id.
@@ -225,14 +236,22 @@ pub trait Store: Send + Sync + 'static {
     async fn authenticate(&self, digest: &TokenDigest, now: i64) -> Result<Option<Authenticated>, StoreError>;
     /// Which of these token ids are still active.
     async fn active_tokens(&self, ids: &[i64]) -> Result<Vec<i64>, StoreError>;
+}
 
+/// What the registry knows of GitLab projects: path, visibility, repository access.
+#[async_trait]
+pub trait ProjectRegistry: Send + Sync + 'static {
     /// Creates or replaces a project's registry entry.
     async fn set_project(&self, project: &ProjectInfo, now: i64) -> Result<(), StoreError>;
     /// The registry entry for a path (the newest, should two ids claim it).
     async fn project_by_path(&self, path: &ProjectPath) -> Result<Option<ProjectInfo>, StoreError>;
-
     /// The registry entry of GitLab project `id`.
     async fn project_by_id(&self, id: i64) -> Result<Option<ProjectInfo>, StoreError>;
+}
+
+/// The push-event log with its outbox columns: recording, publishing, reading back, pruning.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
     /// Records a batch of pushes in one transaction, refreshing each project's registry entry
     /// from the push; returns one outcome per input, in order.
     async fn record_pushes(&self, batch: &[NewPush]) -> Result<Vec<RecordOutcome>, StoreError>;
@@ -261,9 +280,6 @@ pub trait Store: Send + Sync + 'static {
     /// The recorded events with these sequence numbers (unknown ones are skipped), in sequence
     /// order; visibility as the registry says now.
     async fn pushes_by_seq(&self, seqs: &[i64]) -> Result<Vec<PushNotice>, StoreError>;
-    /// The shared key called `name`: the stored one, or `candidate` when none was stored yet
-    /// (the first replica to ask stores its candidate; every other one reads it).
-    async fn shared_key(&self, name: &str, candidate: &str, now: i64) -> Result<String, StoreError>;
     /// The highest sequence number recorded so far (0 when the log is empty).
     async fn last_seq(&self) -> Result<i64, StoreError>;
     /// Deletes published events received before `before`, at most `limit`; returns how many.
@@ -271,7 +287,11 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_pushes(&self, before: i64, limit: i64) -> Result<u64, StoreError>;
     /// The newest `limit` events of the log, newest first.
     async fn recent_pushes(&self, limit: i64) -> Result<Vec<LoggedPush>, StoreError>;
+}
 
+/// Agents' delivery positions, where they must outlive Redis.
+#[async_trait]
+pub trait PositionStore: Send + Sync + 'static {
     /// Saves an agent's delivery position.
     async fn save_position(&self, agent: AgentId, position: DeliveryPosition) -> Result<(), StoreError>;
     /// Saves several agents' positions, one statement per chunk.
@@ -280,13 +300,18 @@ pub trait Store: Send + Sync + 'static {
     async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, StoreError>;
 }
 
+/// Every storage role at once, as a backend implements them; a consumer that needs one role
+/// takes that trait (`Arc<dyn Store>` upcasts to any of them).
+pub trait Store: Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore {}
+
+impl<T> Store for T where T: Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore {}
+
 /// Opens the database the configuration names (creating the SQLite file and its directory).
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     let url = config.database_url.expose();
-    if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::open(url, &config.data_dir).await?))
-    } else {
-        Ok(Arc::new(PostgresStore::open(url).await?))
+    match config.backend() {
+        Backend::Sqlite => Ok(Arc::new(SqliteStore::open(url, &config.data_dir).await?)),
+        Backend::Postgres => Ok(Arc::new(PostgresStore::open(url).await?)),
     }
 }
 
