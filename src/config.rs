@@ -606,6 +606,23 @@ mod tests {
     }
 
     #[test]
+    fn database_url_scheme_names_the_backend() {
+        for (url, backend) in [
+            ("sqlite://./kas-data/kas.db", Some(Backend::Sqlite)),
+            ("sqlite::memory:", Some(Backend::Sqlite)),
+            ("postgres://kas@db/kas", Some(Backend::Postgres)),
+            ("postgresql://kas@db/kas", Some(Backend::Postgres)),
+            ("mysql://kas@db/kas", None),
+            ("postgres:kas", None),
+        ] {
+            assert_eq!(Backend::from_url(url), backend, "{url}");
+        }
+        assert_eq!(Settings::default().resolve().unwrap().store.backend(), Backend::Sqlite);
+        let c = settings(&[("database_url", "postgresql://kas@db/kas")]).resolve().unwrap();
+        assert_eq!((c.store.backend(), c.store.backend().as_str()), (Backend::Postgres, "postgres"));
+    }
+
+    #[test]
     fn defaults_follow_the_design() {
         let c = Settings::default().resolve().unwrap();
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");

@@ -1,6 +1,9 @@
-//! Storage: the registry (agents, tokens, projects), the push-event log with its outbox
-//! columns, and agents' delivery positions, behind one trait with a SQLite and a PostgreSQL
-//! implementation (sqlx, runtime queries, embedded migrations).
+//! Storage: the registry (agents with their configuration files, tokens, projects), the
+//! push-event log with its outbox columns, and agents' delivery positions. Each role is a small
+//! trait ([`Lifecycle`], [`AgentRegistry`], [`Credentials`], [`ProjectRegistry`], [`EventLog`],
+//! [`PositionStore`]) so a consumer sees only what it needs; [`Store`] is all of them, which is
+//! what [`open`] returns. `sql/` implements every role once for both sqlx databases (runtime
+//! queries, embedded migrations); `sqlite.rs` and `postgres.rs` connect.
 
 mod postgres;
 mod sql;
