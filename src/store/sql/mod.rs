@@ -8,6 +8,11 @@
 //! The roles are implemented by file: `registry.rs` (agents, tokens, projects), `events.rs`
 //! (the event log and its outbox), `positions.rs` (delivery positions); the database as a
 //! whole is here.
+//!
+//! Every role impl carries the same `where` clause: what the shared SQL needs of a sqlx
+//! database (executors on its connections, and encoding and decoding the few column types the
+//! schema uses). Rust does not carry bounds on other types from a trait to its users, so they
+//! cannot live in [`SqlBackend`]; both databases meet them.
 
 mod events;
 mod positions;
@@ -38,7 +43,8 @@ pub trait SqlBackend: Database<Connection: Migrate, Arguments: IntoArguments<Sel
 const IN_LIST_CHUNK: usize = 1000;
 
 /// Appends ` IN ($a, $b, …)` binding `values`: the one way an IN-list is written. `values` must
-/// not be empty (`IN ()` is not SQL); callers chunk by [`IN_LIST_CHUNK`].
+/// not be empty (`IN ()` is not SQL); lists that grow with the caller's input are chunked by
+/// [`IN_LIST_CHUNK`].
 fn push_in_list<'v, DB, T>(q: &mut QueryBuilder<DB>, values: impl IntoIterator<Item = T>)
 where
     DB: Database,
@@ -46,9 +52,12 @@ where
 {
     q.push(" IN (");
     let mut list = q.separated(", ");
+    let mut empty = true;
     for value in values {
         list.push_bind(value);
+        empty = false;
     }
+    debug_assert!(!empty, "an empty IN-list is not SQL");
     q.push(")");
 }
 
