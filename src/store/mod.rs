@@ -322,3 +322,49 @@ pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use crate::domain::{PushEvent, PushKind, Visibility};
+
+    /// `open` hands out one object that serves every role: a consumer given only the event log
+    /// (by upcasting) records into the same database the registry reads.
+    #[tokio::test]
+    async fn one_store_upcasts_to_each_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("kas.db").display());
+        let config = StoreConfig { database_url: Secret::new(url), data_dir: dir.path().to_owned() };
+        assert_eq!(config.backend(), Backend::Sqlite);
+        let store = open(&config).await.unwrap();
+        store.migrate().await.unwrap();
+
+        let log: Arc<dyn EventLog> = store.clone();
+        let path = ProjectPath::parse("g/p").unwrap();
+        let push = NewPush {
+            event: PushEvent {
+                project_id: 7,
+                project_path: path.clone(),
+                kind: PushKind::Branch,
+                git_ref: None,
+                before: None,
+                after: None,
+                visibility: Some(Visibility::Internal),
+            },
+            idempotency_key: "k".into(),
+            source: PushSource::Webhook,
+            received_at: 1000,
+        };
+        let outcomes = log.record_pushes(&[push.clone(), push]).await.unwrap();
+        assert!(matches!(&outcomes[..], [RecordOutcome::Recorded(n), RecordOutcome::Duplicate] if n.seq == 1));
+
+        let projects: Arc<dyn ProjectRegistry> = store.clone();
+        let info = projects.project_by_id(7).await.unwrap().unwrap();
+        assert_eq!((info.path, info.visibility), (path, Some(Visibility::Internal)));
+        let positions: Arc<dyn PositionStore> = store.clone();
+        positions.save_position(3, DeliveryPosition { seq: 1, at: 1000 }).await.unwrap();
+        assert_eq!(positions.load_position(3).await.unwrap(), Some(DeliveryPosition { seq: 1, at: 1000 }));
+        store.close().await;
+    }
+}
