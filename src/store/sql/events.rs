@@ -11,17 +11,11 @@ use super::{IN_LIST_CHUNK, SqlBackend, SqlStore, push_in_list};
 use crate::domain::{ProjectUpdate, RepositoryAccess};
 use crate::store::{EventLog, LoggedPush, NewPush, PushNotice, RecordOutcome, StoreError};
 
-/// Rank of a stored visibility (private < internal < public); unknown ranks as private.
-macro_rules! visibility_rank {
-    ($col:literal) => {
-        concat!("(CASE ", $col, " WHEN 'public' THEN 2 WHEN 'internal' THEN 1 ELSE 0 END)")
-    };
-}
-
 /// The upsert tail of a merged project update (see `domain::merged_visibility`, which this
 /// mirrors): newer news replaces the path and visibility; a push without visibility keeps it,
 /// unless it moves the project to another path (knowledge about the old path does not carry
-/// over); late older news can only make the project more private.
+/// over); late older news can only make the project more private. The two `CASE … END` in the
+/// fourth branch rank a visibility (private < internal < public; unknown ranks as private).
 const MERGE_PROJECT_ON_CONFLICT: &str = concat!(
     " ON CONFLICT (id) DO UPDATE SET ",
     "visibility = CASE ",
@@ -29,11 +23,9 @@ const MERGE_PROJECT_ON_CONFLICT: &str = concat!(
     "AND excluded.full_path <> projects.full_path THEN NULL ",
     "WHEN excluded.visibility IS NULL THEN projects.visibility ",
     "WHEN excluded.updated_at >= projects.updated_at THEN excluded.visibility ",
-    "WHEN ",
-    visibility_rank!("projects.visibility"),
-    " <= ",
-    visibility_rank!("excluded.visibility"),
-    " THEN COALESCE(projects.visibility, 'private') ",
+    "WHEN (CASE projects.visibility WHEN 'public' THEN 2 WHEN 'internal' THEN 1 ELSE 0 END) ",
+    "<= (CASE excluded.visibility WHEN 'public' THEN 2 WHEN 'internal' THEN 1 ELSE 0 END) ",
+    "THEN COALESCE(projects.visibility, 'private') ",
     "ELSE excluded.visibility END, ",
     "full_path = CASE WHEN excluded.updated_at >= projects.updated_at THEN excluded.full_path ELSE projects.full_path END, ",
     "updated_at = CASE WHEN excluded.updated_at >= projects.updated_at THEN excluded.updated_at ELSE projects.updated_at END ",

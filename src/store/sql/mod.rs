@@ -73,10 +73,10 @@ fn conflict_or(e: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
 impl<DB: SqlBackend> Lifecycle for SqlStore<DB>
 where
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
-    for<'a> i64: Type<DB> + Encode<'a, DB> + sqlx::Decode<'a, DB>,
-    for<'a> &'a str: Type<DB> + Encode<'a, DB> + sqlx::ColumnIndex<DB::Row>,
-    for<'a> Option<&'a str>: Encode<'a, DB>,
-    for<'a> String: Type<DB> + sqlx::Decode<'a, DB>,
+    for<'a> i64: sqlx::Type<DB> + sqlx::Encode<'a, DB> + sqlx::Decode<'a, DB>,
+    for<'a> &'a str: sqlx::Type<DB> + sqlx::Encode<'a, DB> + sqlx::ColumnIndex<DB::Row>,
+    for<'a> Option<&'a str>: sqlx::Encode<'a, DB>,
+    for<'a> String: sqlx::Type<DB> + sqlx::Decode<'a, DB>,
     usize: sqlx::ColumnIndex<DB::Row>,
 {
     async fn migrate(&self) -> Result<(), StoreError> {
