@@ -56,7 +56,8 @@ fn hub_with(
         let engine = Arc::new(MemoryEngine::default());
         let parts = HubParts {
             directory: Arc::new(RegistryDirectory::new(store.clone())),
-            store,
+            log: store.clone(),
+            durable_positions: store,
             presence: engine.clone(),
             positions: engine,
             metrics: Arc::new(Metrics::new()),

@@ -207,6 +207,44 @@ pub struct StoreConfig {
     pub data_dir: PathBuf,
 }
 
+impl StoreConfig {
+    /// Which backend the URL names; anything not `sqlite:` goes to PostgreSQL's driver, which
+    /// refuses what it cannot parse (`resolve` only lets through what [`Backend::from_url`] knows).
+    pub fn backend(&self) -> Backend {
+        Backend::from_url(self.database_url.expose()).unwrap_or(Backend::Postgres)
+    }
+}
+
+/// The database kinds kas can use, told apart by the URL's scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite:…`, the embedded single-replica default.
+    Sqlite,
+    /// `postgres://…` or `postgresql://…`, for production and several replicas.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a database URL names; `None` for any other scheme.
+    pub fn from_url(url: &str) -> Option<Self> {
+        if url.starts_with("sqlite:") {
+            Some(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Self::Postgres)
+        } else {
+            None
+        }
+    }
+
+    /// Name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
 /// Fully resolved configuration of `kas serve`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -437,11 +475,7 @@ pub fn parse_log_format(raw: Option<&str>) -> Result<LogFormat, ConfigError> {
 fn resolve_store(database_url: Option<String>, data_dir: Option<String>) -> Result<StoreConfig, ConfigError> {
     let data_dir = PathBuf::from(data_dir.unwrap_or_else(|| "./kas-data".into()));
     let database_url = match database_url {
-        Some(url)
-            if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://") =>
-        {
-            url
-        }
+        Some(url) if Backend::from_url(&url).is_some() => url,
         Some(_) => {
             return Err(invalid("database_url", "must start with sqlite: or postgres://"));
         }
@@ -569,6 +603,23 @@ mod tests {
     fn settings(pairs: &[(&str, &str)]) -> Settings {
         let text: String = pairs.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
         toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn database_url_scheme_names_the_backend() {
+        for (url, backend) in [
+            ("sqlite://./kas-data/kas.db", Some(Backend::Sqlite)),
+            ("sqlite::memory:", Some(Backend::Sqlite)),
+            ("postgres://kas@db/kas", Some(Backend::Postgres)),
+            ("postgresql://kas@db/kas", Some(Backend::Postgres)),
+            ("mysql://kas@db/kas", None),
+            ("postgres:kas", None),
+        ] {
+            assert_eq!(Backend::from_url(url), backend, "{url}");
+        }
+        assert_eq!(Settings::default().resolve().unwrap().store.backend(), Backend::Sqlite);
+        let c = settings(&[("database_url", "postgresql://kas@db/kas")]).resolve().unwrap();
+        assert_eq!((c.store.backend(), c.store.backend().as_str()), (Backend::Postgres, "postgres"));
     }
 
     #[test]

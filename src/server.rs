@@ -12,7 +12,7 @@ use crate::agentcfg::source::{ConfigSource, RegistryConfigSource};
 use crate::agentcfg::watch::ConfigWatch;
 use crate::app::{App, Readiness};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::delivery::{Hub, HubConfig, HubParts};
 use crate::engine::{DeliverToAll, Engine, EngineContext, LocalDelivery, MemoryEngine, RedisEngine, RedisTarget};
 use crate::gitlab::jwt::GitLabJwt;
@@ -139,7 +139,8 @@ pub async fn serve(
     let hub = Hub::new(
         HubParts {
             directory: directory.clone(),
-            store: store.clone(),
+            log: store.clone(),
+            durable_positions: store.clone(),
             presence: engine.clone(),
             positions: engine.clone(),
             metrics: metrics.clone(),
@@ -156,7 +157,7 @@ pub async fn serve(
     let local: Arc<dyn LocalDelivery> = Arc::new(DeliverToAll(vec![hub.clone(), config_watch.clone()]));
     engine.clone().start(EngineContext {
         local: local.clone(),
-        store: store.clone(),
+        log: store.clone(),
         metrics: metrics.clone(),
         replay_window: config.replay_window,
         shutdown: token.clone(),
@@ -164,7 +165,11 @@ pub async fn serve(
     });
     let (outbox, outbox_tasks) =
         Outbox::start(store.clone(), engine.clone(), local, metrics.clone(), config.event_retention, clock.clone());
-    let writers = if config.store.database_url.expose().starts_with("sqlite:") { 1 } else { 4 };
+    // SQLite has one writer at a time; more writer tasks would only queue on its lock.
+    let writers = match config.store.backend() {
+        Backend::Sqlite => 1,
+        Backend::Postgres => 4,
+    };
     let intake = Intake::start(store.clone(), outbox.clone(), metrics.clone(), writers, clock.clone());
     if config.gitlab_external_url.is_none() {
         tracing::warn!(
@@ -231,7 +236,7 @@ pub async fn serve(
     tracing::info!(
         http = %addrs.0, agent = %addrs.1, api = %addrs.2,
         engine = app.engine.name(),
-        database = if app.config.store.database_url.expose().starts_with("sqlite:") { "sqlite" } else { "postgres" },
+        database = app.config.store.backend().as_str(),
         replica = %app.config.replica_name,
         "kas is serving"
     );

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use crate::domain::{AgentId, AgentName, ProjectPath};
 use crate::identity::AgentIdentity;
-use crate::store::Store;
+use crate::store::AgentRegistry;
 
 /// An agent's configuration as its source has it now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,20 +51,20 @@ pub trait ConfigSource: Send + Sync + 'static {
 
 /// Configuration files stored in kas's database.
 pub struct RegistryConfigSource {
-    store: Arc<dyn Store>,
+    registry: Arc<dyn AgentRegistry>,
 }
 
 impl RegistryConfigSource {
-    /// Reads from `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    /// Reads from `registry`.
+    pub fn new(registry: Arc<dyn AgentRegistry>) -> Self {
+        Self { registry }
     }
 }
 
 #[async_trait]
 impl ConfigSource for RegistryConfigSource {
     async fn load(&self, agent: &AgentIdentity) -> Result<ConfigSnapshot, ConfigSourceError> {
-        match self.store.agent_config(agent.id).await {
+        match self.registry.agent_config(agent.id).await {
             Ok(Some((text, version))) => {
                 Ok(ConfigSnapshot { text: text.unwrap_or_default(), version: version.to_string(), commit_id: None })
             }
@@ -75,7 +75,7 @@ impl ConfigSource for RegistryConfigSource {
 
     async fn versions(&self, agents: &[AgentIdentity]) -> Vec<(AgentId, String)> {
         let ids: Vec<AgentId> = agents.iter().map(|a| a.id).collect();
-        match self.store.config_versions(&ids).await {
+        match self.registry.config_versions(&ids).await {
             Ok(v) => v.into_iter().map(|(id, version)| (id, version.to_string())).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot check agent configuration versions");
@@ -91,7 +91,7 @@ impl ConfigSource for RegistryConfigSource {
 
     async fn config_files(&self, project: &ProjectPath) -> Result<Vec<AgentName>, ConfigSourceError> {
         // The registry is managed by hand and small; GitLab asks only when its page is opened.
-        let agents = self.store.list_agents().await.map_err(|e| ConfigSourceError::Unavailable(e.to_string()))?;
+        let agents = self.registry.list_agents().await.map_err(|e| ConfigSourceError::Unavailable(e.to_string()))?;
         Ok(agents.into_iter().filter(|a| &a.config_project == project).map(|a| a.name).collect())
     }
 }

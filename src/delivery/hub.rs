@@ -21,7 +21,7 @@ use crate::domain::{AgentId, DeliveryPosition, EventNotice};
 use crate::engine::{ConnectionRecord, LocalDelivery, PositionCache, Presence};
 use crate::identity::{AgentDirectory, AgentIdentity};
 use crate::metrics::Metrics;
-use crate::store::{LogReplay, Store, replay_log};
+use crate::store::{EventLog, LogReplay, PositionStore, replay_log};
 
 /// Events replayed from the log per query.
 const REPLAY_PAGE: i64 = 5000;
@@ -58,8 +58,10 @@ pub struct HubConfig {
 pub struct HubParts {
     /// Who may hear about what; re-checks credentials.
     pub directory: Arc<dyn AgentDirectory>,
-    /// The event log (replay) and the durable positions.
-    pub store: Arc<dyn Store>,
+    /// The event log, for replay.
+    pub log: Arc<dyn EventLog>,
+    /// Where positions outlive this replica and Redis.
+    pub durable_positions: Arc<dyn PositionStore>,
     /// The connection table across replicas.
     pub presence: Arc<dyn Presence>,
     /// Positions every replica reads.
@@ -100,7 +102,7 @@ pub struct Hub {
     closed_tx: mpsc::UnboundedSender<Closed>,
     closed_rx: Mutex<Option<mpsc::UnboundedReceiver<Closed>>>,
     directory: Arc<dyn AgentDirectory>,
-    store: Arc<dyn Store>,
+    log: Arc<dyn EventLog>,
     presence: Arc<dyn Presence>,
     metrics: Arc<Metrics>,
     config: HubConfig,
@@ -115,13 +117,13 @@ impl Hub {
         Arc::new(Self {
             index: ProjectIndex::default(),
             seen: Mutex::default(),
-            positions: Positions::new(parts.positions, parts.store.clone(), parts.clock.clone()),
+            positions: Positions::new(parts.positions, parts.durable_positions, parts.clock.clone()),
             credentials: Credentials::new(parts.directory.clone(), config.credential_grace),
             limit: StreamLimit::new(config.max_streams_per_agent),
             closed_tx,
             closed_rx: Mutex::new(Some(closed_rx)),
             directory: parts.directory,
-            store: parts.store,
+            log: parts.log,
             presence: parts.presence,
             metrics: parts.metrics,
             config,
@@ -133,7 +135,10 @@ impl Hub {
     /// Starts the position saver and the credential re-checks on the server's task tracker;
     /// they stop with `stop`, the saver once every stream has closed and saved.
     pub async fn start(self: &Arc<Self>, stop: CancellationToken) {
-        self.positions.start_at_log_end().await;
+        // Streams opened before any event arrives need a starting point for their position.
+        if let Ok(seq) = self.log.last_seq().await {
+            self.positions.observe(seq);
+        }
         let closed = self.closed_rx.lock().expect("closed lock").take().expect("the hub starts once");
         self.tasks.spawn(self.clone().save_positions(closed, stop.clone()));
         self.tasks.spawn(self.credentials.clone().run(self.config.token_recheck, stop));
@@ -258,7 +263,7 @@ impl Hub {
                 projects: &filter,
                 page: REPLAY_PAGE,
             };
-            let offered = replay_log(&*self.store, query, |page| {
+            let offered = replay_log(&*self.log, query, |page| {
                 for n in page {
                     if let Some(path) = wanted.get(n.project_path.as_str()) {
                         replayed += u64::from(shared.offer(&*self.directory, &self.metrics, path, n));
@@ -322,6 +327,7 @@ mod properties {
     use crate::domain::ProjectPath;
     use crate::engine::MemoryEngine;
     use crate::identity::RegistryDirectory;
+    use crate::store::Store;
 
     const PATHS: [&str; 6] = ["g/a", "g/b", "g/c", "h/a", "h/b", "g/a/sub"];
 
@@ -388,7 +394,8 @@ mod properties {
         let hub = Hub::new(
             HubParts {
                 directory,
-                store,
+                log: store.clone(),
+                durable_positions: store,
                 presence: engine.clone(),
                 positions: engine,
                 metrics: Arc::new(Metrics::new()),

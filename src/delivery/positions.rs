@@ -9,28 +9,20 @@ use super::index::StreamShared;
 use crate::clock::Clock;
 use crate::domain::{AgentId, DeliveryPosition};
 use crate::engine::PositionCache;
-use crate::store::Store;
+use crate::store::PositionStore;
 
 /// Positions of this replica's agents.
 pub(super) struct Positions {
     /// Highest sequence number handed to the index so far.
     max_seq: AtomicI64,
     cache: Arc<dyn PositionCache>,
-    store: Arc<dyn Store>,
+    durable: Arc<dyn PositionStore>,
     clock: Clock,
 }
 
 impl Positions {
-    pub(super) fn new(cache: Arc<dyn PositionCache>, store: Arc<dyn Store>, clock: Clock) -> Self {
-        Self { max_seq: AtomicI64::new(0), cache, store, clock }
-    }
-
-    /// Starts from the end of the log: streams opened before any event arrives need a starting
-    /// point for their position.
-    pub(super) async fn start_at_log_end(&self) {
-        if let Ok(seq) = self.store.last_seq().await {
-            self.observe(seq);
-        }
+    pub(super) fn new(cache: Arc<dyn PositionCache>, durable: Arc<dyn PositionStore>, clock: Clock) -> Self {
+        Self { max_seq: AtomicI64::new(0), cache, durable, clock }
     }
 
     /// Event `seq` was handed to the index (call after queueing it: see `position_of`).
@@ -58,7 +50,7 @@ impl Positions {
             tracing::debug!(error = %e, agent, "cannot save delivery position in the engine");
         }
         // The database copy outlives the engine (a restarted single replica, a flushed Redis).
-        if durable && let Err(e) = self.store.save_position(agent, position).await {
+        if durable && let Err(e) = self.durable.save_position(agent, position).await {
             tracing::warn!(error = %e, agent, "cannot save delivery position");
         }
     }
@@ -90,7 +82,7 @@ impl Positions {
         let mut rows: Vec<(AgentId, DeliveryPosition)> = moved.iter().map(|(a, p, _)| (*a, *p)).collect();
         // In agent order: replicas saving overlapping agents lock rows in one order (no deadlock).
         rows.sort_unstable_by_key(|(a, _)| *a);
-        match self.store.save_positions(&rows).await {
+        match self.durable.save_positions(&rows).await {
             Ok(()) => {
                 for (_, position, owners) in moved {
                     for s in owners {
@@ -120,7 +112,7 @@ impl Positions {
                 tracing::debug!(error = %e, agent, "cannot save delivery position in the engine");
             }
         }
-        if let Err(e) = self.store.save_positions(&rows).await {
+        if let Err(e) = self.durable.save_positions(&rows).await {
             tracing::warn!(error = %e, agents = rows.len(), "cannot save delivery positions of closed streams");
         }
     }
@@ -134,6 +126,6 @@ impl Positions {
                 tracing::debug!(error = %e, agent, "engine has no position; reading the database")
             }
         }
-        self.store.load_position(agent).await.ok().flatten()
+        self.durable.load_position(agent).await.ok().flatten()
     }
 }

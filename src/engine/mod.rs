@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::AgentId;
 use crate::domain::{DeliveryPosition, EventNotice};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::EventLog;
 
 pub use memory::MemoryEngine;
 pub use redis::{RedisEngine, RedisTarget};
@@ -149,7 +149,7 @@ pub struct EngineContext {
     /// This replica's delivery, fed with other replicas' events.
     pub local: Arc<dyn LocalDelivery>,
     /// The event log, to catch up after missing published events.
-    pub store: Arc<dyn Store>,
+    pub log: Arc<dyn EventLog>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// How far back a catch-up may reach.

@@ -8,17 +8,17 @@ use async_trait::async_trait;
 use super::{AgentDirectory, AgentIdentity, IdentityError, Rechecked};
 use crate::clock::now_ms;
 use crate::domain::{AgentToken, access};
-use crate::store::Store;
+use crate::store::Credentials;
 
 /// Agents and tokens from kas's own database; the access rule from `domain::access`.
 pub struct RegistryDirectory {
-    store: Arc<dyn Store>,
+    credentials: Arc<dyn Credentials>,
 }
 
 impl RegistryDirectory {
-    /// Uses `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    /// Checks tokens against `credentials`.
+    pub fn new(credentials: Arc<dyn Credentials>) -> Self {
+        Self { credentials }
     }
 }
 
@@ -27,7 +27,7 @@ impl AgentDirectory for RegistryDirectory {
     async fn authenticate(&self, token: &AgentToken, _: Option<IpAddr>) -> Result<AgentIdentity, IdentityError> {
         // Looked up by digest: comparing digests reveals nothing useful about the token.
         let found = self
-            .store
+            .credentials
             .authenticate(&token.digest(), now_ms())
             .await
             .map_err(|e| IdentityError::Unavailable(e.to_string()))?
@@ -44,7 +44,7 @@ impl AgentDirectory for RegistryDirectory {
 
     async fn recheck(&self, credentials: &[i64]) -> Result<Rechecked, IdentityError> {
         let valid =
-            self.store.active_tokens(credentials).await.map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+            self.credentials.active_tokens(credentials).await.map_err(|e| IdentityError::Unavailable(e.to_string()))?;
         Ok(Rechecked { valid, unverified: Vec::new() })
     }
 

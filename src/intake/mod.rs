@@ -20,7 +20,7 @@ use crate::clock::Clock;
 use crate::domain::PushEvent;
 use crate::domain::{EventSource, NewEvent, RecordOutcome};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::EventLog;
 
 pub use outbox::Outbox;
 
@@ -66,9 +66,9 @@ pub struct Intake {
 }
 
 impl Intake {
-    /// Starts `writers` writer tasks over `store`, handing recorded events to `outbox`.
+    /// Starts `writers` writer tasks into the event log, handing recorded events to `outbox`.
     pub fn start(
-        store: Arc<dyn Store>,
+        log: Arc<dyn EventLog>,
         outbox: Arc<Outbox>,
         metrics: Arc<Metrics>,
         writers: usize,
@@ -79,7 +79,7 @@ impl Intake {
         let closed = CancellationToken::new();
         let tracker = TaskTracker::new();
         for _ in 0..writers.max(1) {
-            tracker.spawn(write_batches(rx.clone(), store.clone(), outbox.clone(), metrics.clone(), closed.clone()));
+            tracker.spawn(write_batches(rx.clone(), log.clone(), outbox.clone(), metrics.clone(), closed.clone()));
         }
         tracker.close();
         Self { jobs, metrics, closed, writers: tracker, clock }
@@ -122,7 +122,7 @@ impl Intake {
 
 async fn write_batches(
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
-    store: Arc<dyn Store>,
+    log: Arc<dyn EventLog>,
     outbox: Arc<Outbox>,
     metrics: Arc<Metrics>,
     closed: CancellationToken,
@@ -148,7 +148,7 @@ async fn write_batches(
             batch
         };
         let (pushes, replies): (Vec<NewEvent>, Vec<_>) = batch.into_iter().map(|j| (j.push, j.reply)).unzip();
-        match store.record_pushes(&pushes).await {
+        match log.record_pushes(&pushes).await {
             Ok(outcomes) => {
                 let mut recorded = Vec::with_capacity(outcomes.len());
                 for (outcome, reply) in outcomes.into_iter().zip(replies) {

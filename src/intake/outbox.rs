@@ -15,7 +15,7 @@ use crate::clock::Clock;
 use crate::domain::EventNotice;
 use crate::engine::{Broadcast, LocalDelivery};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::EventLog;
 
 /// Batches waiting for the publisher; beyond this, events wait in the log for the sweeper.
 const QUEUE: usize = 4096;
@@ -45,7 +45,7 @@ pub struct OutboxTasks {
 }
 
 struct Shared {
-    store: Arc<dyn Store>,
+    log: Arc<dyn EventLog>,
     engine: Arc<dyn Broadcast>,
     local: Arc<dyn LocalDelivery>,
     metrics: Arc<Metrics>,
@@ -55,7 +55,7 @@ struct Shared {
 impl Outbox {
     /// Starts the publisher, the sweeper and retention.
     pub fn start(
-        store: Arc<dyn Store>,
+        log: Arc<dyn EventLog>,
         engine: Arc<dyn Broadcast>,
         local: Arc<dyn LocalDelivery>,
         metrics: Arc<Metrics>,
@@ -63,7 +63,7 @@ impl Outbox {
         clock: Clock,
     ) -> (Arc<Self>, OutboxTasks) {
         let (queue, rx) = mpsc::channel(QUEUE);
-        let shared = Arc::new(Shared { store, engine, local, metrics: metrics.clone(), clock });
+        let shared = Arc::new(Shared { log, engine, local, metrics: metrics.clone(), clock });
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         tracker.spawn(publish_queued(rx, shared.clone()));
@@ -115,7 +115,7 @@ async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
         }
         loop {
             let now = shared.clock.now_ms();
-            let claimed = match shared.store.claim_unpublished(now - SWEEP_AFTER_MS, now, LEASE_MS, SWEEP_BATCH).await {
+            let claimed = match shared.log.claim_unpublished(now - SWEEP_AFTER_MS, now, LEASE_MS, SWEEP_BATCH).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox sweep cannot read the event log");
@@ -143,7 +143,7 @@ impl Shared {
             Ok(()) => {
                 let seqs: Vec<i64> = batch.iter().map(|n| n.seq).collect();
                 self.metrics.events_published.inc_by(seqs.len() as u64);
-                if let Err(e) = self.store.mark_published(&seqs, self.clock.now_ms()).await {
+                if let Err(e) = self.log.mark_published(&seqs, self.clock.now_ms()).await {
                     // Harmless: the sweeper will publish them again (at least once).
                     tracing::warn!(error = %e, "cannot mark events published");
                 }
@@ -163,7 +163,7 @@ async fn prune(shared: Arc<Shared>, retention: Duration, stop: CancellationToken
     loop {
         let before = shared.clock.now_ms() - retention.as_millis() as i64;
         loop {
-            match shared.store.prune_pushes(before, PRUNE_BATCH).await {
+            match shared.log.prune_pushes(before, PRUNE_BATCH).await {
                 Ok(n) => {
                     shared.metrics.events_pruned.inc_by(n);
                     if n > 0 {

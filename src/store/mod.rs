@@ -1,6 +1,9 @@
-//! Storage: the registry (agents, tokens, projects), the push-event log with its outbox
-//! columns, and agents' delivery positions, behind one trait with a SQLite and a PostgreSQL
-//! implementation (sqlx, runtime queries, embedded migrations).
+//! Storage: the registry (agents with their configuration files, tokens, projects), the
+//! push-event log with its outbox columns, and agents' delivery positions. Each role is a small
+//! trait ([`Lifecycle`], [`AgentRegistry`], [`Credentials`], [`ProjectRegistry`], [`EventLog`],
+//! [`PositionStore`]) so a consumer sees only what it needs; [`Store`] is all of them, which is
+//! what [`open`] returns. `sql/` implements every role once for both sqlx databases (runtime
+//! queries, embedded migrations); `sqlite.rs` and `postgres.rs` connect.
 
 mod postgres;
 mod replay;
@@ -11,7 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::StoreConfig;
+use crate::config::{Backend, StoreConfig};
 use crate::domain::{
     AgentId, AgentName, DeliveryPosition, EventNotice, LoggedEvent, NewEvent, ProjectInfo, ProjectPath, RecordOutcome,
     TokenDigest,
@@ -92,16 +95,23 @@ pub struct Authenticated {
     pub token_id: i64,
 }
 
-/// The storage interface every backend implements.
+/// The database as a whole: its schema, its health, closing it, and the keys replicas agree on.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Lifecycle: Send + Sync + 'static {
     /// Applies the embedded migrations.
     async fn migrate(&self) -> Result<(), StoreError>;
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Closes the pool.
     async fn close(&self);
+    /// The shared key called `name`: the stored one, or `candidate` when none was stored yet
+    /// (the first replica to ask stores its candidate; every other one reads it).
+    async fn shared_key(&self, name: &str, candidate: &str, now: i64) -> Result<String, StoreError>;
+}
 
+/// Agents and their configuration files.
+#[async_trait]
+pub trait AgentRegistry: Send + Sync + 'static {
     /// Creates an agent together with its first token (and its configuration file, already
     /// validated), in one transaction.
     async fn create_agent(
@@ -126,7 +136,11 @@ pub trait Store: Send + Sync + 'static {
     async fn agent(&self, id: AgentId) -> Result<Option<AgentRecord>, StoreError>;
     /// Deletes an agent and its tokens; false when it did not exist.
     async fn delete_agent(&self, id: AgentId) -> Result<bool, StoreError>;
+}
 
+/// Agent tokens: issuing, listing and revoking them, and finding the agent a token belongs to.
+#[async_trait]
+pub trait Credentials: Send + Sync + 'static {
     /// Adds a token, refusing when the agent already has `MAX_ACTIVE_TOKENS` active ones.
     async fn create_token(&self, agent: AgentId, digest: &TokenDigest, now: i64) -> Result<TokenRecord, StoreError>;
     /// An agent's tokens, by id.
@@ -137,14 +151,22 @@ pub trait Store: Send + Sync + 'static {
     async fn authenticate(&self, digest: &TokenDigest, now: i64) -> Result<Option<Authenticated>, StoreError>;
     /// Which of these token ids are still active.
     async fn active_tokens(&self, ids: &[i64]) -> Result<Vec<i64>, StoreError>;
+}
 
+/// What the registry knows of GitLab projects: path, visibility, repository access.
+#[async_trait]
+pub trait ProjectRegistry: Send + Sync + 'static {
     /// Creates or replaces a project's registry entry.
     async fn set_project(&self, project: &ProjectInfo, now: i64) -> Result<(), StoreError>;
     /// The registry entry for a path (the newest, should two ids claim it).
     async fn project_by_path(&self, path: &ProjectPath) -> Result<Option<ProjectInfo>, StoreError>;
-
     /// The registry entry of GitLab project `id`.
     async fn project_by_id(&self, id: i64) -> Result<Option<ProjectInfo>, StoreError>;
+}
+
+/// The push-event log with its outbox columns: recording, publishing, reading back, pruning.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
     /// Records a batch of pushes in one transaction, refreshing each project's registry entry
     /// from the push; returns one outcome per input, in order.
     async fn record_pushes(&self, batch: &[NewEvent]) -> Result<Vec<RecordOutcome>, StoreError>;
@@ -173,9 +195,6 @@ pub trait Store: Send + Sync + 'static {
     /// The recorded events with these sequence numbers (unknown ones are skipped), in sequence
     /// order; visibility as the registry says now.
     async fn pushes_by_seq(&self, seqs: &[i64]) -> Result<Vec<EventNotice>, StoreError>;
-    /// The shared key called `name`: the stored one, or `candidate` when none was stored yet
-    /// (the first replica to ask stores its candidate; every other one reads it).
-    async fn shared_key(&self, name: &str, candidate: &str, now: i64) -> Result<String, StoreError>;
     /// The highest sequence number recorded so far (0 when the log is empty).
     async fn last_seq(&self) -> Result<i64, StoreError>;
     /// Deletes published events received before `before`, at most `limit`; returns how many.
@@ -183,7 +202,11 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_pushes(&self, before: i64, limit: i64) -> Result<u64, StoreError>;
     /// The newest `limit` events of the log, newest first.
     async fn recent_pushes(&self, limit: i64) -> Result<Vec<LoggedEvent>, StoreError>;
+}
 
+/// Agents' delivery positions, where they must outlive Redis.
+#[async_trait]
+pub trait PositionStore: Send + Sync + 'static {
     /// Saves an agent's delivery position.
     async fn save_position(&self, agent: AgentId, position: DeliveryPosition) -> Result<(), StoreError>;
     /// Saves several agents' positions, one statement per chunk.
@@ -192,12 +215,63 @@ pub trait Store: Send + Sync + 'static {
     async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, StoreError>;
 }
 
+/// Every storage role at once, as a backend implements them; a consumer that needs one role
+/// takes that trait (`Arc<dyn Store>` upcasts to any of them).
+pub trait Store: Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore {}
+
+impl<T> Store for T where T: Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore {}
+
 /// Opens the database the configuration names (creating the SQLite file and its directory).
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     let url = config.database_url.expose();
-    if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::open(url, &config.data_dir).await?))
-    } else {
-        Ok(Arc::new(PostgresStore::open(url).await?))
+    match config.backend() {
+        Backend::Sqlite => Ok(Arc::new(SqliteStore::open(url, &config.data_dir).await?)),
+        Backend::Postgres => Ok(Arc::new(PostgresStore::open(url).await?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use crate::domain::{EventKind, EventSource, NewEvent, PushEvent, Visibility};
+
+    /// `open` hands out one object that serves every role: a consumer given only the event log
+    /// (by upcasting) records into the same database the registry reads.
+    #[tokio::test]
+    async fn one_store_upcasts_to_each_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("kas.db").display());
+        let config = StoreConfig { database_url: Secret::new(url), data_dir: dir.path().to_owned() };
+        assert_eq!(config.backend(), Backend::Sqlite);
+        let store = open(&config).await.unwrap();
+        store.migrate().await.unwrap();
+
+        let log: Arc<dyn EventLog> = store.clone();
+        let path = ProjectPath::parse("g/p").unwrap();
+        let push = NewEvent {
+            event: PushEvent {
+                project_id: 7,
+                project_path: path.clone(),
+                kind: EventKind::Push,
+                git_ref: None,
+                before: None,
+                after: None,
+                visibility: Some(Visibility::Internal),
+            },
+            idempotency_key: "k".into(),
+            source: EventSource::Webhook,
+            received_at: 1000,
+        };
+        let outcomes = log.record_pushes(&[push.clone(), push]).await.unwrap();
+        assert!(matches!(&outcomes[..], [RecordOutcome::Recorded(n), RecordOutcome::Duplicate] if n.seq == 1));
+
+        let projects: Arc<dyn ProjectRegistry> = store.clone();
+        let info = projects.project_by_id(7).await.unwrap().unwrap();
+        assert_eq!((info.path, info.visibility), (path, Some(Visibility::Internal)));
+        let positions: Arc<dyn PositionStore> = store.clone();
+        positions.save_position(3, DeliveryPosition { seq: 1, at: 1000 }).await.unwrap();
+        assert_eq!(positions.load_position(3).await.unwrap(), Some(DeliveryPosition { seq: 1, at: 1000 }));
+        store.close().await;
     }
 }

@@ -2,20 +2,25 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{Pool, Postgres};
+use sqlx::Postgres;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgPoolOptions, PgQueryResult};
 
-use super::sql::*;
-use super::*;
+use super::StoreError;
+use super::sql::{SqlBackend, SqlStore};
 
-/// The PostgreSQL implementation of [`Store`].
-pub struct PostgresStore {
-    pool: Pool<Postgres>,
+/// The PostgreSQL implementation of [`super::Store`].
+pub type PostgresStore = SqlStore<Postgres>;
+
+impl SqlBackend for Postgres {
+    const MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+    fn rows_affected(done: &PgQueryResult) -> u64 {
+        done.rows_affected()
+    }
 }
 
 impl PostgresStore {
-    const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
-
     /// Connects, retrying for a bounded time so a database that starts alongside kas (as in
     /// docker-compose) is waited for rather than fatal.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
@@ -34,5 +39,3 @@ impl PostgresStore {
         }
     }
 }
-
-impl_store!(PostgresStore, Postgres);

@@ -1,7 +1,7 @@
 //! Reading a stretch of the event log back, page by page: what an agent that reconnects is
 //! replayed, and what a replica that lost its Redis subscription catches up on.
 
-use super::{Store, StoreError};
+use super::{EventLog, StoreError};
 use crate::domain::EventNotice;
 
 /// Which events to read back.
@@ -24,7 +24,7 @@ pub struct LogReplay<'a> {
 /// how many events were read. A page after the first continues from the last sequence number
 /// read, so no event is read twice and none is skipped.
 pub async fn replay_log(
-    log: &dyn Store,
+    log: &dyn EventLog,
     query: LogReplay<'_>,
     mut each: impl FnMut(&[EventNotice]),
 ) -> Result<usize, StoreError> {

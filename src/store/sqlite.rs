@@ -5,20 +5,25 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Pool, Sqlite};
+use sqlx::Sqlite;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult, SqliteSynchronous};
 
-use super::sql::*;
-use super::*;
+use super::StoreError;
+use super::sql::{SqlBackend, SqlStore};
 
-/// The SQLite implementation of [`Store`].
-pub struct SqliteStore {
-    pool: Pool<Sqlite>,
+/// The SQLite implementation of [`super::Store`].
+pub type SqliteStore = SqlStore<Sqlite>;
+
+impl SqlBackend for Sqlite {
+    const MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+
+    fn rows_affected(done: &SqliteQueryResult) -> u64 {
+        done.rows_affected()
+    }
 }
 
 impl SqliteStore {
-    const MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
-
     /// Opens (creating if needed) the database at `url`; `data_dir` is created first so the
     /// default location works on a fresh machine.
     pub async fn open(url: &str, data_dir: &Path) -> Result<Self, StoreError> {
@@ -47,5 +52,3 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 }
-
-impl_store!(SqliteStore, Sqlite);

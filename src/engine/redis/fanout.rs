@@ -71,7 +71,7 @@ impl RedisEngine {
         }
         let mut backoff = Duration::from_millis(50);
         let notices = loop {
-            match ctx.store.pushes_by_seq(&seqs).await {
+            match ctx.log.pushes_by_seq(&seqs).await {
                 Ok(n) => break n,
                 // The event is in the log (it was published after its commit); a database hiccup
                 // delays it, and the catch-up after any gap would find it too.
@@ -105,7 +105,7 @@ impl RedisEngine {
             projects: &[],
             page: CATCH_UP_PAGE,
         };
-        let total = match replay_log(&*ctx.store, query, |page| ctx.local.deliver(page)).await {
+        let total = match replay_log(&*ctx.log, query, |page| ctx.local.deliver(page)).await {
             Ok(total) => total,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot catch up from the event log; will try again");
@@ -225,7 +225,7 @@ impl Broadcast for RedisEngine {
     fn start(self: Arc<Self>, ctx: EngineContext) {
         let heartbeat_ctx = EngineContext {
             local: ctx.local.clone(),
-            store: ctx.store.clone(),
+            log: ctx.log.clone(),
             metrics: ctx.metrics.clone(),
             replay_window: ctx.replay_window,
             shutdown: ctx.shutdown.clone(),
