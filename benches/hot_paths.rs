@@ -92,7 +92,15 @@ fn hub_with(
 }
 
 fn notice(seq: i64, path: &str, world_readable: bool) -> EventNotice {
-    EventNotice { seq, project_id: 1, project_path: ProjectPath::parse(path).unwrap(), world_readable, received_at: 0 }
+    EventNotice {
+        seq,
+        project_id: 1,
+        project_path: ProjectPath::parse(path).unwrap(),
+        world_readable,
+        received_at: 0,
+        kind: kas::domain::EventKind::Push,
+        image: None,
+    }
 }
 
 fn fan_out(c: &mut Criterion) {

@@ -123,6 +123,8 @@ impl LocalDelivery for ConfigWatch {
             let watches = self.watches.lock().expect("watch lock");
             notices
                 .iter()
+                // Only a Git push can change a configuration file.
+                .filter(|n| n.kind.is_git())
                 .filter_map(|n| watches.by_project.get(n.project_path.as_str()))
                 .flatten()
                 .collect::<HashSet<_>>()

@@ -435,6 +435,8 @@ mod properties {
                         project_path: ProjectPath::parse(PATHS[p]).unwrap(),
                         world_readable: public[p],
                         received_at: crate::clock::now_ms(),
+                        kind: crate::domain::EventKind::Push,
+                        image: None,
                     };
                     hub.deliver(std::slice::from_ref(&n));
                     notices.push(n);

@@ -34,7 +34,8 @@ impl StreamShared {
         path: &Arc<str>,
         n: &EventNotice,
     ) -> bool {
-        if !directory.could_notify(&self.agent, path, n.world_readable) {
+        // agentk reconciles Git repositories; image pushes are for cluster actions.
+        if !n.kind.is_git() || !directory.could_notify(&self.agent, path, n.world_readable) {
             return false;
         }
         let added = self.pending.lock().expect("pending lock").add(path, n.seq, n.world_readable, n.received_at);

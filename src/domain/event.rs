@@ -14,6 +14,8 @@ pub enum EventKind {
     Push,
     /// A tag push.
     TagPush,
+    /// A manifest pushed to the container registry.
+    ImagePush,
 }
 
 impl EventKind {
@@ -22,7 +24,13 @@ impl EventKind {
         match self {
             Self::Push => "push",
             Self::TagPush => "tag_push",
+            Self::ImagePush => "image_push",
         }
+    }
+
+    /// Whether a Git ref moved (what agent streams are told about).
+    pub fn is_git(self) -> bool {
+        matches!(self, Self::Push | Self::TagPush)
     }
 
     /// Parses the stored name.
@@ -30,6 +38,7 @@ impl EventKind {
         match s {
             "push" => Some(Self::Push),
             "tag_push" => Some(Self::TagPush),
+            "image_push" => Some(Self::ImagePush),
             _ => None,
         }
     }
@@ -42,6 +51,8 @@ pub enum EventSource {
     Webhook,
     /// GitLab's `GitPushEvent` gRPC call.
     GitPushEvent,
+    /// `POST /webhooks/registry`: the container registry's notifications.
+    Registry,
 }
 
 impl EventSource {
@@ -50,15 +61,33 @@ impl EventSource {
         match self {
             Self::Webhook => "webhook",
             Self::GitPushEvent => "grpc",
+            Self::Registry => "registry",
         }
     }
+}
+
+/// What an image push carries besides its project: which repository, tag and digest, and
+/// which registry host the client pushed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// Repository path (`group/project` or `group/project/image`).
+    pub repository: String,
+    /// Pushed tag, when the manifest was tagged.
+    pub tag: Option<String>,
+    /// Manifest digest.
+    pub digest: Option<String>,
+    /// Registry host, when the registry said.
+    pub host: Option<String>,
 }
 
 /// An event to be recorded.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
-    /// The validated push.
+    /// The validated push: a Git push, or an image push mapped to its project (kind
+    /// `ImagePush`, no visibility: the registry says nothing about it).
     pub event: PushEvent,
+    /// What an image push pushed; `None` for Git pushes.
+    pub image: Option<ImageRef>,
     /// De-duplication key: the sender's, or a fresh random one when it gave none.
     pub idempotency_key: String,
     /// Which door it came through.
@@ -81,6 +110,10 @@ pub struct EventNotice {
     pub world_readable: bool,
     /// Unix milliseconds of receipt, for the intake-to-send latency.
     pub received_at: i64,
+    /// What happened: agent streams hear about Git pushes; image pushes go to cluster actions.
+    pub kind: EventKind,
+    /// What an image push pushed.
+    pub image: Option<std::sync::Arc<ImageRef>>,
 }
 
 /// What happened to one push of a batch.

@@ -12,7 +12,9 @@ pub mod push;
 
 pub use access::may_notify;
 pub use agent::{AgentId, AgentName, AgentToken, TokenDigest};
-pub use event::{DeliveryPosition, EventKind, EventNotice, EventSource, LoggedEvent, NewEvent, RecordOutcome};
+pub use event::{
+    DeliveryPosition, EventKind, EventNotice, EventSource, ImageRef, LoggedEvent, NewEvent, RecordOutcome,
+};
 pub use image::ImagePush;
 pub use project::{ProjectInfo, ProjectPath, ProjectUpdate, RepositoryAccess, Visibility, merged_visibility};
 pub use push::PushEvent;

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
-use crate::domain::PushEvent;
 use crate::domain::{EventSource, NewEvent, RecordOutcome};
+use crate::domain::{ImageRef, PushEvent};
 use crate::metrics::Metrics;
 use crate::store::EventLog;
 
@@ -92,6 +92,27 @@ impl Intake {
         key: Option<&str>,
         source: EventSource,
     ) -> Result<RecordOutcome, IntakeError> {
+        self.submit(event, None, key, source).await
+    }
+
+    /// Records an image push, already mapped to its project (`event`, kind `ImagePush`); the
+    /// registry's event id de-duplicates its retries.
+    pub async fn record_image(
+        &self,
+        event: PushEvent,
+        image: ImageRef,
+        event_id: &str,
+    ) -> Result<RecordOutcome, IntakeError> {
+        self.submit(event, Some(image), Some(event_id), EventSource::Registry).await
+    }
+
+    async fn submit(
+        &self,
+        event: PushEvent,
+        image: Option<ImageRef>,
+        key: Option<&str>,
+        source: EventSource,
+    ) -> Result<RecordOutcome, IntakeError> {
         let started = std::time::Instant::now();
         let idempotency_key = match key {
             Some(k) if k.len() > MAX_KEY_LEN => return Err(IntakeError::KeyTooLong),
@@ -102,7 +123,7 @@ impl Intake {
             return Err(IntakeError::ShuttingDown);
         }
         let (reply, answer) = oneshot::channel();
-        let push = NewEvent { event, idempotency_key, source, received_at: self.clock.now_ms() };
+        let push = NewEvent { event, image, idempotency_key, source, received_at: self.clock.now_ms() };
         let result = tokio::time::timeout(RECORD_TIMEOUT, async {
             self.jobs.send(Job { push, reply }).await.map_err(|_| IntakeError::ShuttingDown)?;
             answer.await.map_err(|_| IntakeError::ShuttingDown)?

@@ -259,6 +259,7 @@ mod tests {
                 after: None,
                 visibility: Some(Visibility::Internal),
             },
+            image: None,
             idempotency_key: "k".into(),
             source: EventSource::Webhook,
             received_at: 1000,

@@ -26,6 +26,7 @@ pub fn push(key: &str, id: i64, p: &str, visibility: Option<Visibility>, at: i64
             after: Some("b".repeat(40)),
             visibility,
         },
+        image: None,
         idempotency_key: key.into(),
         source: EventSource::Webhook,
         received_at: at,

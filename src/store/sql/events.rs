@@ -8,7 +8,7 @@ use sqlx::{AssertSqlSafe, QueryBuilder};
 
 use super::rows::{LOGGED_COLUMNS, LoggedRow, NOTICE_FROM, NoticeRow, ProjectRow, world_readable};
 use super::{IN_LIST_CHUNK, SqlBackend, SqlStore, push_in_list};
-use crate::domain::{EventNotice, LoggedEvent, NewEvent, RecordOutcome};
+use crate::domain::{EventKind, EventNotice, LoggedEvent, NewEvent, RecordOutcome};
 use crate::domain::{ProjectUpdate, RepositoryAccess};
 use crate::store::{EventLog, StoreError};
 
@@ -38,7 +38,8 @@ const MERGE_PROJECT_ON_CONFLICT: &str = concat!(
 /// order and cannot deadlock (PostgreSQL would abort one of them after deadlock_timeout).
 fn merged_projects(batch: &[NewEvent]) -> Vec<ProjectUpdate> {
     let mut merged: BTreeMap<i64, ProjectUpdate> = BTreeMap::new();
-    for push in batch {
+    // An image push says nothing about the project's path history or visibility.
+    for push in batch.iter().filter(|p| p.event.kind != EventKind::ImagePush) {
         let e = &push.event;
         merged
             .entry(e.project_id)
@@ -69,25 +70,42 @@ where
         let mut events: Vec<&NewEvent> = batch.iter().collect();
         events.sort_by(|a, b| a.idempotency_key.cmp(&b.idempotency_key));
         let mut tx = self.pool.begin().await?;
-        let mut q =
-            QueryBuilder::<DB>::new("INSERT INTO projects (id, full_path, visibility, repository_access, updated_at) ");
-        q.push_values(&projects, |mut row, p| {
-            row.push_bind(p.id)
-                .push_bind(p.path.as_str())
-                .push_bind(p.visibility.map(|v| v.as_str()))
-                .push_bind(RepositoryAccess::default().as_str())
-                .push_bind(p.seen_at);
-        });
-        // `domain::merged_visibility` in SQL, so the read and the write are one atomic
-        // statement on both backends. Repository access is the operator's (the webhook does not
-        // carry it).
-        q.push(MERGE_PROJECT_ON_CONFLICT);
-        let rows: Vec<ProjectRow> = q.build_query_as().fetch_all(&mut *tx).await?;
-        let registry: HashMap<i64, ProjectRow> = rows.into_iter().map(|row| (row.id, row)).collect();
+        let mut registry: HashMap<i64, ProjectRow> = HashMap::new();
+        if !projects.is_empty() {
+            let mut q = QueryBuilder::<DB>::new(
+                "INSERT INTO projects (id, full_path, visibility, repository_access, updated_at) ",
+            );
+            q.push_values(&projects, |mut row, p| {
+                row.push_bind(p.id)
+                    .push_bind(p.path.as_str())
+                    .push_bind(p.visibility.map(|v| v.as_str()))
+                    .push_bind(RepositoryAccess::default().as_str())
+                    .push_bind(p.seen_at);
+            });
+            // `domain::merged_visibility` in SQL, so the read and the write are one atomic
+            // statement on both backends. Repository access is the operator's (the webhook does
+            // not carry it).
+            q.push(MERGE_PROJECT_ON_CONFLICT);
+            let rows: Vec<ProjectRow> = q.build_query_as().fetch_all(&mut *tx).await?;
+            registry.extend(rows.into_iter().map(|row| (row.id, row)));
+        }
+        let image_projects: Vec<i64> = events
+            .iter()
+            .filter(|e| e.event.kind == EventKind::ImagePush && !registry.contains_key(&e.event.project_id))
+            .map(|e| e.event.project_id)
+            .collect();
+        if !image_projects.is_empty() {
+            // An image push's project as the registry knows it, read in the same transaction.
+            let mut q =
+                QueryBuilder::<DB>::new("SELECT id, full_path, visibility, repository_access FROM projects WHERE id");
+            push_in_list(&mut q, image_projects.into_iter());
+            let rows: Vec<ProjectRow> = q.build_query_as().fetch_all(&mut *tx).await?;
+            registry.extend(rows.into_iter().map(|row| (row.id, row)));
+        }
 
         let mut q = QueryBuilder::<DB>::new(
             "INSERT INTO push_events (idempotency_key, project_id, project_path, kind, git_ref, before_sha, \
-             after_sha, source, received_at) ",
+             after_sha, source, received_at, repository, registry_host) ",
         );
         q.push_values(&events, |mut row, p| {
             row.push_bind(p.idempotency_key.as_str())
@@ -98,7 +116,9 @@ where
                 .push_bind(p.event.before.as_deref())
                 .push_bind(p.event.after.as_deref())
                 .push_bind(p.source.as_str())
-                .push_bind(p.received_at);
+                .push_bind(p.received_at)
+                .push_bind(p.image.as_ref().map(|i| i.repository.as_str()))
+                .push_bind(p.image.as_ref().and_then(|i| i.host.as_deref()));
         });
         q.push(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING seq, idempotency_key");
         let inserted: Vec<(i64, String)> = q.build_query_as().fetch_all(&mut *tx).await?;
@@ -121,6 +141,8 @@ where
                         registry.get(&p.event.project_id).cloned(),
                     ),
                     received_at: p.received_at,
+                    kind: p.event.kind,
+                    image: p.image.clone().map(std::sync::Arc::new),
                 }),
                 None => RecordOutcome::Duplicate,
             })

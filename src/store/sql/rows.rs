@@ -3,7 +3,7 @@
 //! as private rather than failing delivery.
 
 use crate::domain::{AgentName, EventKind, ProjectInfo, ProjectPath, RepositoryAccess, Visibility};
-use crate::domain::{EventNotice, LoggedEvent};
+use crate::domain::{EventNotice, ImageRef, LoggedEvent};
 use crate::store::{AgentRecord, StoreError, TokenRecord};
 
 /// Columns of [`AgentRow`] (the configuration project's id comes from the registry, the newest
@@ -16,6 +16,7 @@ pub(super) const TOKEN_COLUMNS: &str = "id, agent_id, created_at, last_used_at, 
 pub(super) const PROJECT_COLUMNS: &str = "id, full_path, visibility, repository_access";
 /// Columns of [`NoticeRow`], from `push_events e LEFT JOIN projects p ON p.id = e.project_id`.
 pub(super) const NOTICE_FROM: &str = "SELECT e.seq, e.project_id, e.project_path, e.received_at, \
+    e.kind, e.git_ref, e.after_sha, e.repository, e.registry_host, \
     p.full_path AS registry_path, p.visibility, p.repository_access \
     FROM push_events e LEFT JOIN projects p ON p.id = e.project_id";
 /// Columns of [`LoggedRow`].
@@ -110,6 +111,11 @@ pub(super) struct NoticeRow {
     project_id: i64,
     project_path: String,
     received_at: i64,
+    kind: String,
+    git_ref: Option<String>,
+    after_sha: Option<String>,
+    repository: Option<String>,
+    registry_host: Option<String>,
     registry_path: Option<String>,
     visibility: Option<String>,
     repository_access: Option<String>,
@@ -131,8 +137,17 @@ impl TryFrom<NoticeRow> for EventNotice {
             world_readable: world_readable(&r.project_path, registry),
             project_path: ProjectPath::parse(&r.project_path).map_err(corrupt)?,
             received_at: r.received_at,
+            kind: stored_kind(&r.kind)?,
+            image: r.repository.map(|repository| {
+                std::sync::Arc::new(ImageRef { repository, tag: r.git_ref, digest: r.after_sha, host: r.registry_host })
+            }),
         })
     }
+}
+
+/// The event kind a row stores.
+fn stored_kind(kind: &str) -> Result<EventKind, StoreError> {
+    EventKind::from_stored(kind).ok_or_else(|| StoreError::Corrupt(format!("unknown event kind {kind:?}")))
 }
 
 /// A whole `push_events` row.
@@ -160,8 +175,7 @@ impl TryFrom<LoggedRow> for LoggedEvent {
             idempotency_key: r.idempotency_key,
             project_id: r.project_id,
             project_path: r.project_path,
-            kind: EventKind::from_stored(&r.kind)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown push kind {:?}", r.kind)))?,
+            kind: stored_kind(&r.kind)?,
             git_ref: r.git_ref,
             before: r.before_sha,
             after: r.after_sha,
