@@ -128,6 +128,10 @@ settings! {
     gitlab_secret_file => "KAS_GITLAB_SECRET_FILE",
     /// File with the admin secret for operator endpoints (GET /agents) [default: generated in the data dir]
     admin_secret_file => "KAS_ADMIN_SECRET_FILE",
+    /// File with the secret the container registry sends (Authorization) to POST /webhooks/registry [default: generated in the data dir]
+    registry_secret_file => "KAS_REGISTRY_SECRET_FILE",
+    /// The registry's host as Flux OCIRepository URLs name it (oci://HOST/...) [default: the host each notification names]
+    registry_host => "KAS_REGISTRY_HOST",
     /// Longest time open streams keep serving while their credentials cannot be re-checked [default: 5m]
     credential_grace => "KAS_CREDENTIAL_GRACE",
     /// Most long streams (ReconcileProjects, configuration, tunnels) one agent may hold per replica [default: 2048]
@@ -266,6 +270,10 @@ pub struct Config {
     pub gitlab_secret_file: Option<PathBuf>,
     /// Admin secret file; `None` means `<data dir>/admin-secret`, generated if missing.
     pub admin_secret_file: Option<PathBuf>,
+    /// Registry notification secret file; `None` means `<data dir>/registry-secret`, generated if missing.
+    pub registry_secret_file: Option<PathBuf>,
+    /// The registry host OCIRepository URLs use, lower-case; `None` takes each event's own.
+    pub registry_host: Option<String>,
     /// How long streams outlive failing credential re-checks before ending with UNAVAILABLE.
     pub credential_grace: Duration,
     /// Most long streams per agent per replica.
@@ -371,6 +379,8 @@ impl Settings {
             webhook_secret_file: s.webhook_secret_file.map(PathBuf::from),
             gitlab_secret_file: s.gitlab_secret_file.map(PathBuf::from),
             admin_secret_file: s.admin_secret_file.map(PathBuf::from),
+            registry_secret_file: s.registry_secret_file.map(PathBuf::from),
+            registry_host: parse_registry_host(s.registry_host.as_deref())?,
             credential_grace: parse_duration_setting("credential_grace", s.credential_grace.as_deref(), "5m")?,
             max_streams_per_agent: parse_count("max_streams_per_agent", s.max_streams_per_agent.as_deref(), 2048)?,
             max_projects_per_stream: parse_count(
@@ -499,6 +509,16 @@ fn parse_addr(field: &str, raw: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|e| invalid(field, format!("{raw:?}: {e}")))?
         .next()
         .ok_or_else(|| invalid(field, format!("{raw:?} resolves to no address")))
+}
+
+/// A registry host as OCI URLs carry it (`registry.example.com` or `host:5000`), lower-case.
+fn parse_registry_host(raw: Option<&str>) -> Result<Option<String>, ConfigError> {
+    let Some(raw) = raw.map(str::trim).filter(|r| !r.is_empty()) else { return Ok(None) };
+    let host = raw.trim_start_matches("oci://").trim_end_matches('/').to_ascii_lowercase();
+    if host.is_empty() || host.contains('/') || host.parse::<http::uri::Authority>().is_err() {
+        return Err(invalid("registry_host", format!("{raw:?} is not a host such as registry.example.com")));
+    }
+    Ok(Some(host))
 }
 
 fn parse_url(field: &str, raw: &str) -> Result<String, ConfigError> {

@@ -36,6 +36,8 @@ pub struct Metrics {
     registry: Registry,
     /// Webhook requests by result.
     pub webhooks: Family<ResultLabel, Counter>,
+    /// Container registry notification events (and refused envelopes) by result.
+    pub registry_events: Family<ResultLabel, Counter>,
     /// GitPushEvent calls by result.
     pub git_push_events: Family<ResultLabel, Counter>,
     /// Seconds from receiving a push to acknowledging it.
@@ -110,6 +112,7 @@ impl Metrics {
         let latency = || Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         let m = Metrics {
             webhooks: Family::default(),
+            registry_events: Family::default(),
             git_push_events: Family::default(),
             intake_seconds: latency(),
             events_recorded: Counter::default(),
@@ -137,6 +140,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("webhooks", "Webhook requests by result", m.webhooks.clone());
+        registry.register(
+            "registry_events",
+            "Container registry notification events by result (refused envelopes count once)",
+            m.registry_events.clone(),
+        );
         registry.register("git_push_events", "GitPushEvent calls by result", m.git_push_events.clone());
         registry.register("intake_seconds", "Time from receiving a push to acknowledging it", m.intake_seconds.clone());
         registry.register("events_recorded", "Pushes written to the event log", m.events_recorded.clone());
@@ -210,6 +218,11 @@ impl Metrics {
             m.gitlab_cache_entries.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Counts a registry notification outcome.
+    pub fn registry_event(&self, result: &'static str) {
+        self.registry_events.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// Counts a webhook outcome.

@@ -82,6 +82,8 @@ pub struct Secrets {
     pub admin: Secret<Vec<u8>>,
     /// GitLab's shared secret, decoded; `None` rejects every GitLab-facing call.
     pub gitlab_jwt_key: Option<Secret<Vec<u8>>>,
+    /// What the container registry sends as `Authorization` to `POST /webhooks/registry`.
+    pub registry: Secret<Vec<u8>>,
 }
 
 impl Secrets {
@@ -109,7 +111,20 @@ impl Secrets {
             });
         }
         let gitlab_jwt_key = config.gitlab_secret_file.as_deref().map(read_gitlab_secret).transpose()?;
-        Ok(Self { webhook, admin, gitlab_jwt_key })
+        let registry_path = secret_file(
+            config.registry_secret_file.as_deref(),
+            &config.store.data_dir,
+            "registry-secret",
+            "put it in the registry's notification endpoint headers as Authorization (docs/oci.md)",
+        )?;
+        let registry = read_admin_secret(&registry_path)?;
+        if registry.expose() == admin.expose() || webhook.iter().any(|w| w.secret.expose() == registry.expose()) {
+            return Err(SecretError::Invalid {
+                path: registry_path,
+                reason: "the registry secret must differ from the admin and webhook secrets".into(),
+            });
+        }
+        Ok(Self { webhook, admin, gitlab_jwt_key, registry })
     }
 
     /// The scope of the webhook secret `presented` equals, if any. Every secret is compared in
@@ -124,6 +139,11 @@ impl Secrets {
             found |= hit;
         }
         bool::from(found).then(|| &self.webhook[index as usize].scope)
+    }
+
+    /// Whether `presented` is the registry's notification secret, in constant time.
+    pub fn registry_matches(&self, presented: &[u8]) -> bool {
+        self.registry.expose().as_slice().ct_eq(presented).into()
     }
 
     /// Whether `presented` is the admin secret, in constant time.
@@ -217,7 +237,7 @@ fn parse_namespace(raw: &str) -> Result<String, String> {
     }
 }
 
-/// The admin secret: the first non-empty line.
+/// A one-line secret (admin, registry): the first non-empty line.
 pub fn read_admin_secret(path: &Path) -> Result<Secret<Vec<u8>>, SecretError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let secret = text
@@ -268,6 +288,7 @@ mod tests {
         let s = Secrets {
             webhook: read_webhook_secrets(&path).unwrap(),
             admin: Secret::new(b"admin-secret-0123456789".to_vec()),
+            registry: Secret::new(b"registry-secret-0123456789".to_vec()),
             gitlab_jwt_key: None,
         };
         assert_eq!(s.webhook_scope(b"old-secret-0123456789"), Some(&HookScope::Instance));

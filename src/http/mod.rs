@@ -1,6 +1,7 @@
 //! The HTTP listener (axum): webhooks, liveness, readiness and metrics. The only place that
 //! knows HTTP status codes.
 
+mod registry;
 mod webhook;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/webhooks/gitlab", post(webhook::receive))
+        .route("/webhooks/registry", post(registry::receive))
         .route("/agents", get(agents))
         .with_state(app)
 }

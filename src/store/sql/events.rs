@@ -98,7 +98,7 @@ where
             // An image push's project as the registry knows it, read in the same transaction.
             let mut q =
                 QueryBuilder::<DB>::new("SELECT id, full_path, visibility, repository_access FROM projects WHERE id");
-            push_in_list(&mut q, image_projects.into_iter());
+            push_in_list(&mut q, image_projects);
             let rows: Vec<ProjectRow> = q.build_query_as().fetch_all(&mut *tx).await?;
             registry.extend(rows.into_iter().map(|row| (row.id, row)));
         }
