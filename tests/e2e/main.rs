@@ -10,6 +10,7 @@ mod gitlab_mode;
 mod hostile;
 mod intake;
 mod limits;
+mod oci;
 mod rails;
 mod regressions;
 mod replicas;
