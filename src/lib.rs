@@ -8,6 +8,7 @@
 //! command line.
 #![forbid(unsafe_code)]
 
+pub mod actions;
 pub mod agentcfg;
 pub mod app;
 pub mod cli;

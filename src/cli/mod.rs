@@ -127,21 +127,12 @@ pub(crate) fn io(e: std::io::Error) -> CliError {
     CliError::Other(format!("cannot write output: {e}"))
 }
 
-/// Formats Unix milliseconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+/// An RFC 3339 UTC time, to the second.
 pub fn format_time(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    let mut text = crate::clock::rfc3339_ms(ms);
+    text.truncate(19);
+    text.push('Z');
+    text
 }
 
 #[cfg(test)]

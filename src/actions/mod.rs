@@ -1,0 +1,4 @@
+//! What kas does in clusters through the agents' tunnels, for agents that opted in: today,
+//! asking Flux to reconcile OCIRepository objects when the registry gets a push (`oci`).
+
+pub mod oci;
