@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{ConnectionRecord, Engine, EngineContext, EngineError, PodFilter, PodRecord, TooManyPods};
+use super::{
+    ConnectionRecord, Engine, EngineContext, EngineError, OnceClaim, PodFilter, PodRecord, TooManyPods, TunnelCount,
+};
 use crate::domain::AgentId;
 use crate::store::{DeliveryPosition, PushNotice, now_ms};
 
@@ -17,7 +19,14 @@ pub struct MemoryEngine {
     connections: Mutex<HashMap<String, ConnectionRecord>>,
     pods: Mutex<HashMap<(AgentId, i64), PodRecord>>,
     refusals: Mutex<HashMap<String, std::time::Instant>>,
+    tunnels: Mutex<HashMap<AgentId, TunnelCount>>,
+    /// Once-only claims: key → (done, until).
+    once: Mutex<HashMap<String, (bool, std::time::Instant)>>,
+    direct: std::sync::OnceLock<tokio::sync::mpsc::Sender<String>>,
 }
+
+/// The instance name of the only replica.
+const LOCAL: &str = "local";
 
 #[async_trait]
 impl Engine for MemoryEngine {
@@ -98,5 +107,71 @@ impl Engine for MemoryEngine {
 
     async fn was_refused(&self, key: &str) -> bool {
         self.refusals.lock().expect("refusals lock").get(key).is_some_and(|until| *until > std::time::Instant::now())
+    }
+
+    fn instance(&self) -> String {
+        LOCAL.into()
+    }
+
+    async fn publish_tunnels(&self, counts: &[TunnelCount], full: bool) {
+        let mut tunnels = self.tunnels.lock().expect("tunnels lock");
+        if full {
+            tunnels.clear();
+        }
+        for c in counts {
+            if c.idle + c.busy == 0 {
+                tunnels.remove(&c.agent_id);
+            } else {
+                tunnels.insert(c.agent_id, TunnelCount { replica: LOCAL.into(), ..c.clone() });
+            }
+        }
+    }
+
+    async fn tunnels(&self) -> Result<Vec<TunnelCount>, EngineError> {
+        let mut all: Vec<_> = self.tunnels.lock().expect("tunnels lock").values().cloned().collect();
+        all.sort_by_key(|t| t.agent_id);
+        Ok(all)
+    }
+
+    async fn tunnel_holders(&self, agent: AgentId) -> Result<Vec<TunnelCount>, EngineError> {
+        Ok(self.tunnels.lock().expect("tunnels lock").get(&agent).cloned().into_iter().collect())
+    }
+
+    async fn claim_once(&self, key: &str, ttl: std::time::Duration) -> Result<OnceClaim, EngineError> {
+        let mut once = self.once.lock().expect("once lock");
+        let now = std::time::Instant::now();
+        once.retain(|_, (_, until)| *until > now);
+        match once.get(key) {
+            Some((true, _)) => Ok(OnceClaim::Done),
+            Some((false, _)) => Ok(OnceClaim::Running),
+            None => {
+                once.insert(key.to_owned(), (false, now + ttl));
+                Ok(OnceClaim::Won)
+            }
+        }
+    }
+
+    async fn once_done(&self, key: &str) -> Result<bool, EngineError> {
+        let now = std::time::Instant::now();
+        Ok(self.once.lock().expect("once lock").get(key).is_some_and(|(done, until)| *done && *until > now))
+    }
+
+    async fn finish_once(&self, key: &str, keep: std::time::Duration) -> Result<(), EngineError> {
+        self.once.lock().expect("once lock").insert(key.to_owned(), (true, std::time::Instant::now() + keep));
+        Ok(())
+    }
+
+    async fn send_direct(&self, to: &str, body: String) -> Result<(), EngineError> {
+        // One replica: a message can only be for itself.
+        match self.direct.get() {
+            Some(sink) if to == LOCAL => {
+                sink.try_send(body).map_err(|_| EngineError::Unavailable("direct messages queue full".into()))
+            }
+            _ => Err(EngineError::Unavailable(format!("no replica {to}"))),
+        }
+    }
+
+    fn on_direct(&self, sink: tokio::sync::mpsc::Sender<String>) {
+        let _ = self.direct.set(sink);
     }
 }

@@ -35,7 +35,10 @@ use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServer
 use redis::{AsyncConnectionConfig, Client, FromRedisValue, Pipeline, RedisConnectionInfo};
 use serde::{Deserialize, Serialize};
 
-use super::{ConnectionRecord, Engine, EngineContext, EngineError, PodFilter, PodRecord, TooManyPods};
+use super::{
+    ConnectionRecord, Engine, EngineContext, EngineError, MAX_DIRECT_MESSAGE, OnceClaim, PodFilter, PodRecord,
+    TooManyPods, TunnelCount,
+};
 use crate::config::Secret;
 use crate::domain::AgentId;
 use crate::metrics::Metrics;
@@ -230,7 +233,34 @@ impl Keys {
     fn pod_agents(&self) -> String {
         format!("{}:pods:agents", self.prefix)
     }
+    fn tunnels(&self, replica: &str) -> String {
+        format!("{}:tunnels:{replica}", self.prefix)
+    }
+    fn once(&self, key: &str) -> String {
+        format!("{}:once:{key}", self.prefix)
+    }
+    fn direct(&self, replica: &str) -> String {
+        format!("{}:direct:{replica}", self.prefix)
+    }
 }
+
+/// A message from one replica to another: signed, so whoever can publish to Redis cannot make a
+/// replica act (a relayed call reaches a cluster), and dated, so an old one cannot be replayed
+/// after a minute.
+#[derive(Serialize, Deserialize)]
+struct DirectEnvelope {
+    /// Recipient instance.
+    t: String,
+    /// Unix milliseconds when sent.
+    a: i64,
+    /// The body.
+    b: String,
+    /// HMAC of the above.
+    m: String,
+}
+
+/// How old a direct message may be when it arrives.
+const DIRECT_MAX_AGE_MS: i64 = 60_000;
 
 /// What travels on the channel: which events were recorded, nothing about them. Receivers
 /// read the events from the database, so a forged message can make a replica look up numbers,
@@ -281,6 +311,8 @@ pub struct RedisEngine {
     healthy: AtomicBool,
     rewrite_connections: AtomicBool,
     metrics: Arc<Metrics>,
+    /// Where direct messages for this replica go (`on_direct`).
+    direct: std::sync::OnceLock<tokio::sync::mpsc::Sender<String>>,
 }
 
 impl RedisEngine {
@@ -311,6 +343,7 @@ impl RedisEngine {
             healthy: AtomicBool::new(true),
             rewrite_connections: AtomicBool::new(true),
             metrics,
+            direct: std::sync::OnceLock::new(),
         }
     }
 
@@ -566,6 +599,7 @@ impl RedisEngine {
         let key = self.keys.connections(&self.replica);
         let mut pipe = redis::pipe();
         pipe.cmd("DEL").arg(&key).ignore().cmd("ZREM").arg(&self.keys.replicas).arg(&self.replica).ignore();
+        pipe.cmd("DEL").arg(self.keys.tunnels(&self.replica)).ignore();
         let _ = self.run::<()>(&pipe).await;
     }
 
@@ -660,6 +694,9 @@ impl Engine for RedisEngine {
             tasks: ctx.tasks.clone(),
         };
         let tasks = ctx.tasks.clone();
+        if let Some(sink) = self.direct.get().cloned() {
+            tasks.spawn(self.clone().direct_loop(sink, ctx.shutdown.clone()));
+        }
         tasks.spawn(self.clone().subscribe_loop(ctx));
         tasks.spawn(self.heartbeat_loop(heartbeat_ctx));
     }
@@ -864,6 +901,240 @@ impl Engine for RedisEngine {
                 genuine
             }
             _ => false,
+        }
+    }
+
+    fn instance(&self) -> String {
+        self.replica.clone()
+    }
+
+    async fn publish_tunnels(&self, counts: &[TunnelCount], full: bool) {
+        if self.available().is_err() && !full {
+            return;
+        }
+        let key = self.keys.tunnels(&self.replica);
+        let mut pipe = redis::pipe();
+        let record = |c: &TunnelCount| {
+            let c = TunnelCount { replica: self.replica.clone(), ..c.clone() };
+            (c.agent_id, serde_json::to_string(&c).expect("serializable"))
+        };
+        let live: Vec<(AgentId, String)> = counts.iter().filter(|c| c.idle + c.busy > 0).map(record).collect();
+        if full {
+            if live.is_empty() {
+                pipe.cmd("DEL").arg(&key).ignore();
+            } else {
+                // Written aside and renamed, so a reader never sees a half-written table.
+                let staging = format!("{key}:staging");
+                pipe.cmd("DEL").arg(&staging).ignore();
+                pipe.cmd("HSET").arg(&staging).arg(&live).ignore();
+                pipe.cmd("RENAME").arg(&staging).arg(&key).ignore();
+            }
+        } else {
+            let gone: Vec<AgentId> = counts.iter().filter(|c| c.idle + c.busy == 0).map(|c| c.agent_id).collect();
+            if !live.is_empty() {
+                pipe.cmd("HSET").arg(&key).arg(&live).ignore();
+            }
+            if !gone.is_empty() {
+                pipe.cmd("HDEL").arg(&key).arg(&gone).ignore();
+            }
+        }
+        pipe.cmd("EXPIRE").arg(&key).arg(REPLICA_TTL.as_secs()).ignore();
+        if let Err(e) = self.run::<()>(&pipe).await {
+            tracing::debug!(error = %e, "cannot publish tunnel presence");
+        }
+    }
+
+    async fn tunnels(&self) -> Result<Vec<TunnelCount>, EngineError> {
+        let replicas = self.live_replicas().await?;
+        if replicas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for r in &replicas {
+            pipe.cmd("HVALS").arg(self.keys.tunnels(r));
+        }
+        let tables: Vec<Vec<String>> = self.run(&pipe).await?;
+        let mut all: Vec<TunnelCount> =
+            tables.into_iter().flatten().filter_map(|json| serde_json::from_str(&json).ok()).collect();
+        all.sort_by(|a, b| (a.agent_id, &a.replica).cmp(&(b.agent_id, &b.replica)));
+        Ok(all)
+    }
+
+    async fn tunnel_holders(&self, agent: AgentId) -> Result<Vec<TunnelCount>, EngineError> {
+        let replicas = self.live_replicas().await?;
+        if replicas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for r in &replicas {
+            pipe.cmd("HGET").arg(self.keys.tunnels(r)).arg(agent);
+        }
+        let found: Vec<Option<String>> = self.run(&pipe).await?;
+        Ok(found
+            .into_iter()
+            .zip(replicas)
+            .filter_map(|(json, replica)| {
+                let c: TunnelCount = serde_json::from_str(&json?).ok()?;
+                // The table's name, not the record, says which replica holds them.
+                (c.agent_id == agent && c.idle + c.busy > 0).then_some(TunnelCount { replica, ..c })
+            })
+            .collect())
+    }
+
+    async fn claim_once(&self, key: &str, ttl: Duration) -> Result<OnceClaim, EngineError> {
+        let redis_key = self.keys.once(key);
+        let running = format!("running:{}", sign(self.key.expose(), &["once", key, "running"]));
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(&redis_key).arg(&running).arg("NX").arg("PX").arg(ttl_ms);
+        pipe.cmd("GET").arg(&redis_key);
+        let (set, value): (Option<String>, Option<String>) = self.run(&pipe).await?;
+        if set.is_some() {
+            return Ok(OnceClaim::Won);
+        }
+        let Some(value) = value else { return Ok(OnceClaim::Running) };
+        let (state, tag) = value.split_once(':').unwrap_or(("", ""));
+        if matches!(state, "running" | "done") && verify(self.key.expose(), &["once", key, state], tag) {
+            return Ok(if state == "done" { OnceClaim::Done } else { OnceClaim::Running });
+        }
+        // Someone who can write to Redis wrote it: acting twice is better than never acting.
+        tracing::warn!(key, "ignoring a once-only claim in Redis that kas did not sign");
+        self.metrics.engine_forgeries.inc();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(&redis_key).arg(&running).arg("PX").arg(ttl_ms).ignore();
+        self.run::<()>(&pipe).await?;
+        Ok(OnceClaim::Won)
+    }
+
+    async fn once_done(&self, key: &str) -> Result<bool, EngineError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(self.keys.once(key));
+        let (value,): (Option<String>,) = self.run(&pipe).await?;
+        Ok(value.and_then(|v| v.strip_prefix("done:").map(str::to_owned)).is_some_and(|tag| {
+            let genuine = verify(self.key.expose(), &["once", key, "done"], &tag);
+            if !genuine {
+                self.metrics.engine_forgeries.inc();
+            }
+            genuine
+        }))
+    }
+
+    async fn finish_once(&self, key: &str, keep: Duration) -> Result<(), EngineError> {
+        let done = format!("done:{}", sign(self.key.expose(), &["once", key, "done"]));
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(self.keys.once(key)).arg(done).arg("PX").arg(keep.as_millis().max(1) as u64).ignore();
+        self.run::<()>(&pipe).await
+    }
+
+    async fn send_direct(&self, to: &str, body: String) -> Result<(), EngineError> {
+        let at = now_ms();
+        let m = sign(self.key.expose(), &["direct", to, &at.to_string(), &body]);
+        let envelope = DirectEnvelope { t: to.to_owned(), a: at, b: body, m };
+        let payload = serde_json::to_vec(&envelope).expect("serializable");
+        if payload.len() > MAX_DIRECT_MESSAGE {
+            return Err(EngineError::Unavailable(format!("direct message of {} bytes is too large", payload.len())));
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("PUBLISH").arg(self.keys.direct(to)).arg(payload);
+        let (receivers,): (i64,) = self.run(&pipe).await?;
+        if receivers == 0 {
+            return Err(EngineError::Unavailable(format!("replica {to} is not listening")));
+        }
+        Ok(())
+    }
+
+    fn on_direct(&self, sink: tokio::sync::mpsc::Sender<String>) {
+        let _ = self.direct.set(sink);
+    }
+}
+
+impl RedisEngine {
+    /// Replicas whose heartbeat is recent.
+    async fn live_replicas(&self) -> Result<Vec<String>, EngineError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGEBYSCORE").arg(&self.keys.replicas).arg(now_ms() - REPLICA_TTL.as_millis() as i64).arg("+inf");
+        let (replicas,): (Vec<String>,) = self.run(&pipe).await?;
+        Ok(replicas)
+    }
+
+    /// The body of a direct message addressed to this replica, if kas signed it within the last
+    /// minute.
+    fn direct_body(&self, payload: &[u8]) -> Option<String> {
+        if payload.len() > MAX_DIRECT_MESSAGE {
+            self.metrics.engine_forgeries.inc();
+            return None;
+        }
+        let e: DirectEnvelope = serde_json::from_slice(payload).ok()?;
+        let fresh = (now_ms() - e.a).abs() <= DIRECT_MAX_AGE_MS;
+        let genuine = verify(self.key.expose(), &["direct", &e.t, &e.a.to_string(), &e.b], &e.m);
+        if !genuine || e.t != self.replica {
+            tracing::warn!("ignoring a direct message in Redis that kas did not sign for this replica");
+            self.metrics.engine_forgeries.inc();
+            return None;
+        }
+        if !fresh {
+            tracing::warn!(age_ms = now_ms() - e.a, "ignoring a stale direct message");
+            return None;
+        }
+        Some(e.b)
+    }
+
+    /// Receives this replica's direct messages until shutdown, resubscribing after any loss
+    /// (what is published meanwhile is lost: senders wait with a deadline and fail).
+    async fn direct_loop(
+        self: Arc<Self>,
+        sink: tokio::sync::mpsc::Sender<String>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let channel = self.keys.direct(&self.replica);
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let subscribed = async {
+                let pubsub =
+                    tokio::time::timeout(OP_TIMEOUT, self.target.pubsub()).await.map_err(|_| "timed out".to_owned())?;
+                let (mut sink, stream) = pubsub.map_err(|e| e.to_string())?.split();
+                tokio::time::timeout(OP_TIMEOUT, sink.subscribe(&channel))
+                    .await
+                    .map_err(|_| "timed out".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((sink, stream))
+            }
+            .await;
+            let (mut ping_sink, mut stream) = match subscribed {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot subscribe to the direct channel; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            let mut ping = tokio::time::interval(SUBSCRIPTION_PING);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    message = stream.next() => match message {
+                        Some(m) => {
+                            if let Some(body) = self.direct_body(m.get_payload_bytes())
+                                && sink.try_send(body).is_err()
+                            {
+                                tracing::warn!("direct message dropped: the queue is full");
+                            }
+                        }
+                        None => break,
+                    },
+                    _ = ping.tick() => {
+                        let alive = tokio::time::timeout(OP_TIMEOUT, ping_sink.ping::<redis::Value>()).await;
+                        if !matches!(alive, Ok(Ok(_))) {
+                            break;
+                        }
+                    }
+                }
+            }
         }
     }
 }

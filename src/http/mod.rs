@@ -90,10 +90,16 @@ async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> 
             .into_response();
     }
     let listed = async {
-        Ok::<_, crate::engine::EngineError>((app.engine.connections().await?, app.engine.pods(PodFilter::All).await?))
+        Ok::<_, crate::engine::EngineError>((
+            app.engine.connections().await?,
+            app.engine.pods(PodFilter::All).await?,
+            app.engine.tunnels().await?,
+        ))
     };
     match listed.await {
-        Ok((connections, pods)) => Json(json!({ "connections": connections, "pods": pods })).into_response(),
+        Ok((connections, pods, tunnels)) => {
+            Json(json!({ "connections": connections, "pods": pods, "tunnels": tunnels })).into_response()
+        }
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
     }
 }
