@@ -96,6 +96,17 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_with_state(config, listeners, shutdown, None).await
+}
+
+/// `serve`, handing the shared state to `state` once it is built: embedders and tests use it to
+/// reach the library API (`App::tunnels`) of a running server.
+pub async fn serve_with_state(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+    state: Option<tokio::sync::oneshot::Sender<Arc<App>>>,
+) -> Result<(), ServeError> {
     let tls = match &config.tls {
         Some(files) => Some(listener::tls_acceptor(&files.cert, &files.key).map_err(ServeError::Tls)?),
         None => None,
@@ -188,6 +199,9 @@ pub async fn serve(
         shutdown: token.clone(),
         config,
     });
+    if let Some(state) = state {
+        let _ = state.send(app.clone());
+    }
     listener::raise_open_file_limit(app.config.max_connections.total());
     let connections = TaskTracker::new();
     let settings =
