@@ -52,9 +52,9 @@ pub struct TunnelConfig {
 pub enum Purpose {
     /// `kas cluster get` (`kas.cluster_read`): GET only.
     ClusterRead,
-    /// Reconciling OCIRepository objects (`kas.oci.enabled`).
+    /// Reconciling OCIRepository objects (`kas.oci.enabled`): GET and PATCH.
     Oci,
-    /// Reading Flux results for commit statuses (`kas.sync_status.enabled`).
+    /// Reading Flux results for commit statuses (`kas.sync_status.enabled`): GET only.
     SyncStatus,
 }
 
@@ -79,8 +79,8 @@ impl Purpose {
     /// Whether the purpose may use `method`: reading is read-only.
     fn allows_method(self, method: &str) -> bool {
         match self {
-            Self::ClusterRead => method == "GET",
-            Self::Oci | Self::SyncStatus => matches!(method, "GET" | "PATCH"),
+            Self::ClusterRead | Self::SyncStatus => method == "GET",
+            Self::Oci => matches!(method, "GET" | "PATCH"),
         }
     }
 }

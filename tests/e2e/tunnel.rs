@@ -332,3 +332,57 @@ async fn any_replica_calls_and_one_replica_acts() {
     test_redis::cleanup(&prefix).await;
     db.cleanup().await;
 }
+
+/// `ConfigurationResponse` with the configuration kept as raw bytes: every field kas sends, known
+/// to the test or not.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawConfigurationResponse {
+    #[prost(bytes = "vec", tag = "1")]
+    configuration: Vec<u8>,
+    #[prost(string, tag = "2")]
+    commit_id: String,
+}
+
+/// The `kas:` section is read by kas and never sent: agentk gets byte for byte the configuration
+/// it gets without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kas_section_never_reaches_agentk() {
+    use crate::support::wire;
+    let db = TestDb::sqlite();
+    let app = TestApp::spawn(&db, |_| {}).await;
+    let base = "flux:\n  webhook_receiver_url: http://receiver.flux-system.svc\n";
+    let mut sent = Vec::new();
+    for (name, text) in [("plain", base.to_owned()), ("optin", format!("{base}{OPTED_IN}  sync_status:\n    enabled: true\n    projects: [team/app]\n"))] {
+        // Same configuration project, so everything else kas sends is the same.
+        let (agent, token) = app.create_agent(name, "team/config").await;
+        app.store.set_agent_config(agent.id, Some(&text)).await.unwrap();
+        let (channel, _) = connect(app.agent, Transport::Plain).await;
+        let request = wire::ConfigurationRequest17 { commit_id: String::new() };
+        let mut stream = wire::server_streaming::<_, RawConfigurationResponse>(
+            &channel,
+            wire::GET_CONFIGURATION,
+            crate::support::agentk::as_agent(&token, request),
+        )
+        .await
+        .unwrap();
+        let first = tokio::time::timeout(SOON, stream.message()).await.unwrap().unwrap().unwrap();
+        sent.push((agent.id, first.configuration));
+    }
+    // Only the agent id (field 4) differs: re-encode each with the other's id removed.
+    let strip = |(id, bytes): &(i64, Vec<u8>)| {
+        let mut c = <crate::support::wire::AgentConfiguration as prost::Message>::decode(bytes.as_slice()).unwrap();
+        assert_eq!(c.agent_id, *id);
+        c.agent_id = 0;
+        let known = prost::Message::encode_to_vec(&c);
+        assert_eq!(known.len() + prost::Message::encoded_len(&RawId { agent_id: *id }), bytes.len(), "no field beyond the known ones");
+        known
+    };
+    assert_eq!(strip(&sent[0]), strip(&sent[1]));
+    app.stop().await;
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawId {
+    #[prost(int64, tag = "4")]
+    agent_id: i64,
+}
