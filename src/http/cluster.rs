@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde_json::json;
 
 use crate::app::App;
@@ -51,13 +51,15 @@ pub async fn get(State(app): State<Arc<App>>, headers: HeaderMap, Query(q): Quer
                     response = response.header(n, v);
                 }
             }
-            let body = futures::stream::unfold(answer.body, |mut body| async move {
-                body.next().await.map(|chunk| (chunk.map_err(std::io::Error::other), body))
-            });
-            response
-                .header(CLUSTER_STATUS, answer.status)
-                .body(Body::from_stream(body))
-                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+            // Read whole (bounded) before answering, so a tunnel lost mid-answer is a clear 502
+            // rather than a cut connection.
+            match answer.body.collect(app.config.tunnel_max_response_body).await {
+                Ok(body) => response
+                    .header(CLUSTER_STATUS, answer.status)
+                    .body(Body::from(body))
+                    .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+                Err(e) => refusal(status_of(&e), e.to_string()),
+            }
         }
         Err(e) => refusal(status_of(&e), e.to_string()),
     }
@@ -103,10 +105,11 @@ async fn resolve(app: &App, named: &str) -> Result<AgentId, Response> {
     ids.dedup();
     match ids[..] {
         [id] => Ok(id),
-        [] => Err(refusal(StatusCode::NOT_FOUND, format!("no agent named {named:?} is known or connected; give its id"))),
-        _ => Err(refusal(
-            StatusCode::CONFLICT,
-            format!("several agents are named {named:?} (ids {ids:?}): give the id"),
-        )),
+        [] => {
+            Err(refusal(StatusCode::NOT_FOUND, format!("no agent named {named:?} is known or connected; give its id")))
+        }
+        _ => {
+            Err(refusal(StatusCode::CONFLICT, format!("several agents are named {named:?} (ids {ids:?}): give the id")))
+        }
     }
 }

@@ -110,7 +110,10 @@ async fn calls_reach_the_cluster_as_agentk_without_credentials() {
     assert_eq!(received[1].header["Accept"], ["application/json"]);
     for seen in kube.seen() {
         for (name, _) in &seen.headers {
-            assert!(name != "authorization" && name != "cookie" && !name.starts_with("impersonate-"), "{name} reached the cluster");
+            assert!(
+                name != "authorization" && name != "cookie" && !name.starts_with("impersonate-"),
+                "{name} reached the cluster"
+            );
         }
     }
 
@@ -132,10 +135,21 @@ async fn calls_reach_the_cluster_as_agentk_without_credentials() {
     // The operator's view: tunnel counts per agent and replica, and the command line.
     let tunnels = app.state.tunnels.clone();
     let listed = eventually(SOON, || async {
-        let body: serde_json::Value =
-            app.client.get(app.url("/agents")).bearer_auth(&app.admin_secret).send().await.unwrap().json().await.unwrap();
+        let body: serde_json::Value = app
+            .client
+            .get(app.url("/agents"))
+            .bearer_auth(&app.admin_secret)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         body["tunnels"].as_array().is_some_and(|t| {
-            t.len() == 1 && t[0]["agent_id"] == agent && t[0]["agent_name"] == "prod" && t[0]["idle"].as_u64() == Some(2)
+            t.len() == 1
+                && t[0]["agent_id"] == agent
+                && t[0]["agent_name"] == "prod"
+                && t[0]["idle"].as_u64() == Some(2)
         })
     })
     .await;
@@ -163,8 +177,7 @@ async fn refusals_are_clear_and_waits_bounded() {
     let db = TestDb::sqlite();
     let app = TestApp::spawn(&db, |s| s.tunnel_wait = Some("600ms".into())).await;
     let kube = KubeApi::start().await;
-    let (staging, _, double) =
-        agent_with_tunnels(&app, "staging", "flux: {}\n", &kube, 1, Behaviour::Answer).await;
+    let (staging, _, double) = agent_with_tunnels(&app, "staging", "flux: {}\n", &kube, 1, Behaviour::Answer).await;
 
     let refused = cluster_get(&app, "staging", "/version").await;
     assert_eq!(refused.status(), 403);
@@ -173,7 +186,11 @@ async fn refusals_are_clear_and_waits_bounded() {
     assert!(text.contains("kas.cluster_read"), "{text}");
     let out = kas_cli(&db, &app, &["cluster", "get", "staging", "/version"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("kas refused (403"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("kas refused (403"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let oci = app.state.tunnels.call(staging, Purpose::Oci, KubeRequest::get("/version")).await;
     assert!(matches!(oci, Err(TunnelError::NotOptedIn { .. })), "{:?}", oci.err());
     assert!(double.received().is_empty(), "nothing reached the cluster");
@@ -194,7 +211,8 @@ async fn refusals_are_clear_and_waits_bounded() {
     assert!(timed_out.text().await.unwrap().contains("no tunnel"));
     let unknown = cluster_get(&app, "nobody", "/version").await;
     assert_eq!(unknown.status(), 404);
-    let bad = app.client.get(app.url("/cluster?agent=staging&path=/version")).bearer_auth("wrong").send().await.unwrap();
+    let bad =
+        app.client.get(app.url("/cluster?agent=staging&path=/version")).bearer_auth("wrong").send().await.unwrap();
     assert_eq!(bad.status(), 401);
 
     double.stop().await;
@@ -352,7 +370,10 @@ async fn the_kas_section_never_reaches_agentk() {
     let app = TestApp::spawn(&db, |_| {}).await;
     let base = "flux:\n  webhook_receiver_url: http://receiver.flux-system.svc\n";
     let mut sent = Vec::new();
-    for (name, text) in [("plain", base.to_owned()), ("optin", format!("{base}{OPTED_IN}  sync_status:\n    enabled: true\n    projects: [team/app]\n"))] {
+    for (name, text) in [
+        ("plain", base.to_owned()),
+        ("optin", format!("{base}{OPTED_IN}  sync_status:\n    enabled: true\n    projects: [team/app]\n")),
+    ] {
         // Same configuration project, so everything else kas sends is the same.
         let (agent, token) = app.create_agent(name, "team/config").await;
         app.store.set_agent_config(agent.id, Some(&text)).await.unwrap();
@@ -374,7 +395,11 @@ async fn the_kas_section_never_reaches_agentk() {
         assert_eq!(c.agent_id, *id);
         c.agent_id = 0;
         let known = prost::Message::encode_to_vec(&c);
-        assert_eq!(known.len() + prost::Message::encoded_len(&RawId { agent_id: *id }), bytes.len(), "no field beyond the known ones");
+        assert_eq!(
+            known.len() + prost::Message::encoded_len(&RawId { agent_id: *id }),
+            bytes.len(),
+            "no field beyond the known ones"
+        );
         known
     };
     assert_eq!(strip(&sent[0]), strip(&sent[1]));
