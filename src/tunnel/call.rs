@@ -237,6 +237,8 @@ impl Reader {
             match self.recv().await? {
                 None => return Err(TunnelError::Lost("the tunnel ended before the answer".into())),
                 Some(connect_request::Msg::Header(_)) if self.state == State::Start => self.state = State::Headers,
+                // The inner call ended early: an error (or the end) follows.
+                Some(connect_request::Msg::Trailer(_)) => {}
                 Some(connect_request::Msg::Error(e)) => return Err(agent_error(e)),
                 Some(connect_request::Msg::Message(m)) if self.state != State::Body => match decode(&m.data)? {
                     kapi::http_response::Message::Header(h) => {
@@ -269,6 +271,8 @@ impl Reader {
             }
             match self.recv().await? {
                 None => return Err(TunnelError::Lost("the tunnel ended in the middle of the answer".into())),
+                // The inner call ended before the answer did: an error (or the end) follows.
+                Some(connect_request::Msg::Trailer(_)) => {}
                 Some(connect_request::Msg::Error(e)) => return Err(agent_error(e)),
                 Some(connect_request::Msg::Message(m)) => match decode(&m.data)? {
                     kapi::http_response::Message::Data(d) if !d.data.is_empty() => {

@@ -199,6 +199,18 @@ async fn refusals_are_clear_and_waits_bounded() {
     let refused = app.state.tunnels.call(staging, Purpose::ClusterRead, patch).await;
     assert!(matches!(refused, Err(TunnelError::Refused(_))), "{:?}", refused.err());
 
+    // agentk cannot reach its API server: its error comes back as such.
+    let (broken, _, unreachable) = agent_with_tunnels(&app, "broken", OPTED_IN, &kube, 1, Behaviour::Unreachable).await;
+    let failed = app.state.tunnels.call(broken, Purpose::ClusterRead, KubeRequest::get("/version")).await;
+    match failed {
+        Err(TunnelError::Agent { code, message }) => assert!(code == 14 && message.contains("connection refused")),
+        other => panic!("{:?}", other.err()),
+    }
+    let bad_gateway = cluster_get(&app, "broken", "/version").await;
+    assert_eq!(bad_gateway.status(), 502);
+    assert!(bad_gateway.text().await.unwrap().contains("connection refused"));
+    unreachable.stop().await;
+
     // An opted-in agent whose agentk is not connected.
     let (away, _) = app.create_agent("away", "team/away").await;
     app.store.set_agent_config(away.id, Some(OPTED_IN)).await.unwrap();

@@ -228,6 +228,9 @@ pub enum Behaviour {
     Answer,
     /// Sends the header and the first body chunk, then resets the stream (a pod dying mid-call).
     DieMidAnswer,
+    /// Cannot reach the API server: header, trailer, then `error` UNAVAILABLE, as agentk does when
+    /// its inner call fails.
+    Unreachable,
 }
 
 /// A request as the double received it through the tunnel.
@@ -406,6 +409,18 @@ impl Slot {
             extra_type_url: extra.type_url.clone(),
             imp_config,
         });
+        if self.behaviour == Behaviour::Unreachable {
+            let error = TunnelError {
+                status: Some(RpcStatus {
+                    code: 14,
+                    message: "dial tcp 10.96.0.1:443: connect: connection refused".into(),
+                }),
+            };
+            for m in [up(Up::Header(Meta::default())), up(Up::Trailer(Meta::default())), up(Up::Error(error))] {
+                let _ = tx.send(m).await;
+            }
+            return true;
+        }
         // Forward to the API server as agentk does: the request's headers, its own credentials
         // (the stand-in has none).
         let mut url = reqwest::Url::parse(&format!("{}{}", self.kube, request.url_path)).unwrap();
