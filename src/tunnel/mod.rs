@@ -280,6 +280,9 @@ pub struct Tunnels {
 
 /// How often a waiting call looks for tunnels on other replicas.
 const REMOTE_POLL: Duration = Duration::from_millis(250);
+/// How often a replica waiting to run a once-only action asks whether another one did it (a
+/// tunnel arriving here wakes it at once).
+const ONCE_POLL: Duration = Duration::from_secs(1);
 /// Longest wait for an agent's configuration file when checking its opt-in.
 const CONFIG_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -455,7 +458,7 @@ impl Tunnels {
             if now >= deadline {
                 return Err(TunnelError::NoTunnel { agent, waited_ms: (now - started).as_millis() as u64 });
             }
-            let _ = tokio::time::timeout_at(deadline.min(now + REMOTE_POLL), arrived).await;
+            let _ = tokio::time::timeout_at(deadline.min(now + ONCE_POLL), arrived).await;
         }
     }
 

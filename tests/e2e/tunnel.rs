@@ -265,6 +265,8 @@ fn with_redis(prefix: String, wait: &'static str) -> impl Fn(&mut kas::config::S
         s.redis_url = Some(test_redis::SHARED.into());
         s.redis_prefix = Some(prefix.clone());
         s.tunnel_wait = Some(wait.into());
+        // Short, so an abandoned once-only claim expires within the test (twice this plus the wait).
+        s.tunnel_timeout = Some("1s".into());
     }
 }
 
@@ -350,6 +352,34 @@ async fn any_replica_calls_and_one_replica_acts() {
     assert_eq!(waiting.await.unwrap().unwrap(), Once::Ran(a.state.config.replica_name.clone()));
     assert_eq!(waiting_b.await.unwrap().unwrap(), Once::Elsewhere);
     assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // A replica that claimed an event and died without finishing: the claim expires and a replica
+    // still waiting acts.
+    let claimed = b.state.engine.claim_once("push-4", Duration::from_secs(2)).await.unwrap();
+    assert_eq!(claimed, kas::engine::OnceClaim::Won);
+    let started = Instant::now();
+    assert_eq!(once(&a, "push-4", SOON).await.unwrap(), Once::Ran(a.state.config.replica_name.clone()));
+    assert!(started.elapsed() >= Duration::from_millis(1500), "waited for the dead claim to expire");
+
+    // Whoever can publish to Redis cannot make a replica call a cluster.
+    let before = back.received().len();
+    let forged = serde_json::json!({
+        "kind": "call", "id": "forged", "from": b.state.engine.instance(), "agent": agent,
+        "purpose": "cluster_read", "request": {"method": "GET", "path": "/version"}, "wait_ms": 1000,
+    });
+    let envelope = serde_json::json!({"t": a.state.engine.instance(), "a": now_ms(), "b": forged.to_string(), "m": "00"});
+    let client = redis::Client::open(test_redis::SHARED).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let channel = format!("{{{prefix}}}:direct:{}", a.state.engine.instance());
+    let receivers: i64 =
+        redis::cmd("PUBLISH").arg(&channel).arg(envelope.to_string()).query_async(&mut conn).await.unwrap();
+    assert_eq!(receivers, 1, "A listens on its direct channel");
+    assert!(
+        eventually(SOON, || async { a.metrics_text().await.contains("kas_engine_forgeries_total 1") }).await,
+        "counted as a forgery"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(back.received().len(), before, "nothing reached the cluster");
+
     // And with none at all, the wait is bounded.
     back.stop().await;
     let gone = a.state.tunnels.clone();
