@@ -157,6 +157,9 @@ pub struct TunnelCount {
     pub idle: usize,
     /// Tunnels carrying a request now.
     pub busy: usize,
+    /// What the agent's latest tunnel serves (`service/method`, from its descriptor).
+    #[serde(default)]
+    pub methods: Vec<String>,
 }
 
 /// What a claim of a once-only action found.

@@ -94,6 +94,8 @@ struct Idle {
 
 struct AgentTunnels {
     identity: AgentIdentity,
+    /// What the latest tunnel serves, for the listing.
+    served: Arc<Served>,
     idle: Vec<Idle>,
     busy: usize,
 }
@@ -170,16 +172,16 @@ impl TunnelRegistry {
             let mut agents = self.agents.lock().expect("tunnels lock");
             let entry = agents.entry(agent.id).or_insert_with(|| AgentTunnels {
                 identity: agent.clone(),
+                served: Arc::default(),
                 idle: Vec::new(),
                 busy: 0,
             });
             entry.identity = agent.clone();
             // Tunnels of one agent usually serve the same: share one copy.
-            let served = match entry.idle.last() {
-                Some(last) if *last.served == served => last.served.clone(),
-                _ => Arc::new(served),
-            };
-            entry.idle.push(Idle { id, served, claim });
+            if *entry.served != served {
+                entry.served = Arc::new(served);
+            }
+            entry.idle.push(Idle { id, served: entry.served.clone(), claim });
         }
         self.metrics.tunnels("idle").inc();
         self.mark(agent.id);
@@ -275,10 +277,16 @@ impl TunnelRegistry {
                     replica: String::new(),
                     idle: a.idle.len(),
                     busy: a.busy,
+                    methods: a.served.methods.clone(),
                 },
-                None => {
-                    TunnelCount { agent_id: id, agent_name: String::new(), replica: String::new(), idle: 0, busy: 0 }
-                }
+                None => TunnelCount {
+                    agent_id: id,
+                    agent_name: String::new(),
+                    replica: String::new(),
+                    idle: 0,
+                    busy: 0,
+                    methods: Vec::new(),
+                },
             })
             .collect()
     }

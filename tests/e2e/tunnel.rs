@@ -150,6 +150,7 @@ async fn calls_reach_the_cluster_as_agentk_without_credentials() {
                 && t[0]["agent_id"] == agent
                 && t[0]["agent_name"] == "prod"
                 && t[0]["idle"].as_u64() == Some(2)
+                && t[0]["methods"] == serde_json::json!(["gitlab.agent.kubernetes_api.rpc.KubernetesApi/MakeRequest"])
         })
     })
     .await;
@@ -366,7 +367,8 @@ async fn any_replica_calls_and_one_replica_acts() {
         "kind": "call", "id": "forged", "from": b.state.engine.instance(), "agent": agent,
         "purpose": "cluster_read", "request": {"method": "GET", "path": "/version"}, "wait_ms": 1000,
     });
-    let envelope = serde_json::json!({"t": a.state.engine.instance(), "a": now_ms(), "b": forged.to_string(), "m": "00"});
+    let envelope =
+        serde_json::json!({"t": a.state.engine.instance(), "a": now_ms(), "b": forged.to_string(), "m": "00"});
     let client = redis::Client::open(test_redis::SHARED).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let channel = format!("{{{prefix}}}:direct:{}", a.state.engine.instance());
