@@ -167,6 +167,12 @@ async fn calls_reach_the_cluster_as_agentk_without_credentials() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("403") && stderr.contains("secrets is forbidden"), "{stderr}");
 
+    // Once-only actions on the in-process engine: the first sighting acts, a repeat does not.
+    let ran = app.state.tunnels.run_once(agent, "event-1", SOON, || async { 7 }).await.unwrap();
+    assert_eq!(ran, Once::Ran(7));
+    let again = app.state.tunnels.run_once(agent, "event-1", SOON, || async { 8 }).await.unwrap();
+    assert_eq!(again, Once::Elsewhere);
+
     double.stop().await;
     app.stop().await;
 }
