@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "gitlab/agent/agent_tracker_rpc.proto",
         "gitlab/agent/reverse_tunnel.proto",
         "gitlab/agent/gitlab_access.proto",
+        "gitlab/agent/kubernetes_api.proto",
         "gitlab/agent/server_info.proto",
         "gitlab/agent/configuration_project.proto",
         "gitlab/agent/entity.proto",

@@ -41,6 +41,8 @@ pub struct App {
     pub hub: Arc<Hub>,
     /// Tells configuration streams about changes.
     pub config_watch: Arc<ConfigWatch>,
+    /// Agents' tunnels: calls into their clusters.
+    pub tunnels: Arc<crate::tunnel::Tunnels>,
     /// What `/readyz` reports besides the database.
     pub readiness: Readiness,
     /// Cancelled when the server starts shutting down.

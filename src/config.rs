@@ -186,6 +186,14 @@ settings! {
     max_agent_meta => "KAS_MAX_AGENT_META",
     /// Version answered to GitLab's ServerInfo (GitLab uses it as agentk's image tag): set it to GitLab's, e.g. v18.6.0 [default: kas's own]
     server_version => "KAS_SERVER_VERSION",
+    /// How long a call into a cluster waits for an idle tunnel of its agent [default: 10s]
+    tunnel_wait => "KAS_TUNNEL_WAIT",
+    /// Longest a call into a cluster may take once it has a tunnel, answer included [default: 30s]
+    tunnel_timeout => "KAS_TUNNEL_TIMEOUT",
+    /// Largest request body kas sends into a cluster, in bytes (or with KiB/MiB) [default: 1MiB]
+    tunnel_max_request_body => "KAS_TUNNEL_MAX_REQUEST_BODY",
+    /// Largest answer body kas reads from a cluster, in bytes (or with KiB/MiB; at most 16MiB) [default: 4MiB]
+    tunnel_max_response_body => "KAS_TUNNEL_MAX_RESPONSE_BODY",
 }
 
 /// The settings the registry commands need: where the database is.
@@ -322,6 +330,14 @@ pub struct Config {
     pub http_idle_timeout: Duration,
     /// Connection caps of the three listeners.
     pub max_connections: MaxConnections,
+    /// How long a call into a cluster waits for a tunnel.
+    pub tunnel_wait: Duration,
+    /// Longest a call into a cluster may take once it has a tunnel.
+    pub tunnel_timeout: Duration,
+    /// Largest request body sent into a cluster.
+    pub tunnel_max_request_body: usize,
+    /// Largest answer body read from a cluster.
+    pub tunnel_max_response_body: usize,
 }
 
 /// How many connections each listener holds at once. The defaults fit 10,000 agents: every
@@ -416,6 +432,16 @@ impl Settings {
             max_pods_per_agent: parse_count("max_pods_per_agent", s.max_pods_per_agent.as_deref(), 100)?,
             max_agent_meta: parse_size("max_agent_meta", s.max_agent_meta.as_deref().unwrap_or("8KiB"))?,
             server_version: s.server_version.map(|v| parse_server_version(&v)).transpose()?,
+            tunnel_wait: parse_duration_setting("tunnel_wait", s.tunnel_wait.as_deref(), "10s")?,
+            tunnel_timeout: parse_duration_setting("tunnel_timeout", s.tunnel_timeout.as_deref(), "30s")?,
+            tunnel_max_request_body: parse_size(
+                "tunnel_max_request_body",
+                s.tunnel_max_request_body.as_deref().unwrap_or("1MiB"),
+            )?,
+            tunnel_max_response_body: parse_size(
+                "tunnel_max_response_body",
+                s.tunnel_max_response_body.as_deref().unwrap_or("4MiB"),
+            )?,
         };
         config.check_consistency()?;
         Ok(config)
@@ -437,6 +463,9 @@ fn parse_server_version(raw: &str) -> Result<String, ConfigError> {
     }
 }
 
+/// Largest tunnel answer body allowed by the setting.
+const MAX_TUNNEL_RESPONSE: usize = 16 << 20;
+
 /// GitLab shows an agent as connected only while its token was used within this long.
 const GITLAB_CONNECTED_WINDOW: Duration = Duration::from_secs(8 * 60);
 
@@ -451,6 +480,11 @@ impl Config {
                     self.event_retention, self.replay_window
                 ),
             ));
+        }
+        if self.tunnel_max_response_body > MAX_TUNNEL_RESPONSE {
+            // Relayed answers travel whole through Redis pub/sub, which drops a subscriber that
+            // falls 32 MiB behind.
+            return Err(invalid("tunnel_max_response_body", "must be at most 16MiB"));
         }
         if self.gitlab_cache_ttl >= GITLAB_CONNECTED_WINDOW {
             return Err(invalid(

@@ -5,7 +5,7 @@
 //! to every replica, and `delivery` sends each to exactly the open agent streams that want
 //! the project and may see it (`domain::access`). `server::serve` wires it together on
 //! listeners the caller binds (`listener` is the shared accept loop); `cli` is the `kas`
-//! command line.
+//! command line. `tunnel` calls agents' clusters through agentk's reverse tunnels.
 #![forbid(unsafe_code)]
 
 pub mod actions;
@@ -32,6 +32,7 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tunnel;
 pub mod websocket;
 
 pub use server::{Listeners, ServeError, serve};

@@ -86,6 +86,19 @@ pub struct Metrics {
     pub connections_refused: Family<NameLabel, Counter>,
     /// Connections closed before completing their handshake (timeout or malformed), by listener.
     pub handshakes_failed: Family<NameLabel, Counter>,
+    /// Tunnels held on this replica by state (`idle`, `busy`).
+    pub tunnels_open: Family<StateLabel, Gauge>,
+    /// Calls into clusters through tunnels by outcome.
+    pub tunnel_calls: Family<ResultLabel, Counter>,
+    /// Seconds a call into a cluster took until its answer's header (or its failure).
+    pub tunnel_call_seconds: Histogram,
+}
+
+/// Label for a state (`idle`, `busy`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// The state.
+    pub state: &'static str,
 }
 
 /// The connection metrics of one listener.
@@ -137,6 +150,9 @@ impl Metrics {
             connections_refused: Family::default(),
             handshakes_failed: Family::default(),
             gitlab_cache_entries: Family::default(),
+            tunnels_open: Family::default(),
+            tunnel_calls: Family::default(),
+            tunnel_call_seconds: latency(),
             registry: Registry::default(),
         };
         registry.register("webhooks", "Webhook requests by result", m.webhooks.clone());
@@ -217,6 +233,17 @@ impl Metrics {
             "Entries in GitLab mode's bounded tables: refused tokens, peers presenting unknown tokens",
             m.gitlab_cache_entries.clone(),
         );
+        registry.register("tunnels_open", "Agent tunnels held on this replica by state", m.tunnels_open.clone());
+        registry.register(
+            "tunnel_calls",
+            "Calls into agents' clusters through tunnels by outcome (ok, forbidden, http_error, no_tunnel, not_opted_in, timeout, lost, …)",
+            m.tunnel_calls.clone(),
+        );
+        registry.register(
+            "tunnel_call_seconds",
+            "Time a call into a cluster took until its answer's header or its failure",
+            m.tunnel_call_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -253,6 +280,16 @@ impl Metrics {
     /// The open-stream gauge of one RPC.
     pub fn streams(&self, rpc: &'static str) -> Gauge {
         self.streams_open.get_or_create(&NameLabel { name: rpc }).clone()
+    }
+
+    /// The gauge of tunnels in `state`.
+    pub fn tunnels(&self, state: &'static str) -> Gauge {
+        self.tunnels_open.get_or_create(&StateLabel { state }).clone()
+    }
+
+    /// Counts a call into a cluster.
+    pub fn tunnel_call(&self, result: &'static str) {
+        self.tunnel_calls.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// The connection metrics of one listener.

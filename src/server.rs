@@ -97,6 +97,17 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_with_state(config, listeners, shutdown, None).await
+}
+
+/// `serve`, handing the shared state to `state` once it is built: embedders and tests use it to
+/// reach the library API (`App::tunnels`) of a running server.
+pub async fn serve_with_state(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+    state: Option<tokio::sync::oneshot::Sender<Arc<App>>>,
+) -> Result<(), ServeError> {
     let tls = match &config.tls {
         Some(files) => Some(listener::tls_acceptor(&files.cert, &files.key).map_err(ServeError::Tls)?),
         None => None,
@@ -152,6 +163,14 @@ pub async fn serve(
     hub.start(token.clone()).await;
     let config_watch = ConfigWatch::new(config_source, background.clone());
     config_watch.start(token.clone());
+    let tunnels = crate::tunnel::Tunnels::new(
+        engine.clone(),
+        config_watch.source().clone(),
+        metrics.clone(),
+        tunnel_config(&config),
+    );
+    // Before the engine starts: it routes relayed calls to the tunnels.
+    tunnels.start(token.clone(), &background);
     // Every recorded push goes to the agent streams and to the configuration watch (a push to a
     // configuration project may change an agent's configuration file).
     let local: Arc<dyn LocalDelivery> = Arc::new(DeliverToAll(vec![hub.clone(), config_watch.clone()]));
@@ -186,6 +205,7 @@ pub async fn serve(
         directory,
         hub,
         config_watch,
+        tunnels,
         secrets,
         readiness: Readiness::default(),
         shutdown: token.clone(),
@@ -193,6 +213,9 @@ pub async fn serve(
         tasks: background.clone(),
         config,
     });
+    if let Some(state) = state {
+        let _ = state.send(app.clone());
+    }
     listener::raise_open_file_limit(app.config.max_connections.total());
     let connections = TaskTracker::new();
     let settings =
@@ -282,6 +305,17 @@ fn hub_config(config: &Config) -> HubConfig {
         credential_grace: config.credential_grace,
         max_streams_per_agent: config.max_streams_per_agent,
         replica: config.replica_name.clone(),
+    }
+}
+
+/// Limits of calls through agents' tunnels, from the configuration.
+fn tunnel_config(config: &Config) -> crate::tunnel::TunnelConfig {
+    crate::tunnel::TunnelConfig {
+        wait: config.tunnel_wait,
+        call_timeout: config.tunnel_timeout,
+        max_request_body: config.tunnel_max_request_body,
+        max_response_body: config.tunnel_max_response_body,
+        once_keep: config.replay_window,
     }
 }
 

@@ -3,7 +3,9 @@
 //!
 //! `flux` and `observability` are what kas sends to the agent; `gitops`, `ci_access`,
 //! `user_access`, `container_scanning` and `remote_development` are accepted and stored but not
-//! sent (kas serves only the Flux path). Any other key is refused, naming it.
+//! sent (kas serves only the Flux path). `kas` is kas's own section (what kas may do in the
+//! agent's cluster through its tunnel, all off by default): read by kas, never sent. Any other
+//! key is refused, naming it.
 
 pub mod source;
 pub mod watch;
@@ -65,6 +67,43 @@ pub struct Flux {
     pub webhook_receiver_url: Option<String>,
 }
 
+/// `kas.oci`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OciSection {
+    /// Reconcile OCIRepository objects on registry pushes.
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+/// `kas.sync_status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncStatusSection {
+    /// Report Flux results to GitLab as commit statuses.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Projects statuses may go to; empty means the configuration project only.
+    #[serde(default)]
+    pub projects: Vec<String>,
+}
+
+/// `kas`: what kas may do in the agent's cluster through its tunnel. Read by kas, never sent to
+/// agentk; everything is off unless the file turns it on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KasSection {
+    /// Operators may run `kas cluster get AGENT PATH` (read-only).
+    #[serde(default)]
+    pub cluster_read: bool,
+    /// `oci`.
+    #[serde(default)]
+    pub oci: OciSection,
+    /// `sync_status`.
+    #[serde(default)]
+    pub sync_status: SyncStatusSection,
+}
+
 /// A parsed configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +122,8 @@ pub struct AgentConfigFile {
     pub container_scanning: Option<serde_yaml_ng::Value>,
     /// Stored, not sent.
     pub remote_development: Option<serde_yaml_ng::Value>,
+    /// Read by kas, never sent.
+    pub kas: Option<KasSection>,
 }
 
 impl AgentConfigFile {
@@ -105,7 +146,19 @@ impl AgentConfigFile {
                  (/api/v1/namespaces/<namespace>/services/<[scheme:]name[:port]>/proxy)"
             )));
         }
+        if let Some(kas) = &parsed.kas {
+            for p in &kas.sync_status.projects {
+                crate::domain::ProjectPath::parse(p).map_err(|e| {
+                    ConfigFileError::Invalid(format!("kas.sync_status.projects: {p:?} is not a project path: {e}"))
+                })?;
+            }
+        }
         Ok(parsed)
+    }
+
+    /// kas's own section, or the default (everything off).
+    pub fn kas_section(&self) -> KasSection {
+        self.kas.clone().unwrap_or_default()
     }
 }
 
@@ -187,6 +240,29 @@ mod tests {
         assert!(cfg.ci_access.is_some());
         assert_eq!(AgentConfigFile::parse("").unwrap(), AgentConfigFile::default());
         assert_eq!(AgentConfigFile::parse("# only a comment\n").unwrap(), AgentConfigFile::default());
+    }
+
+    #[test]
+    fn kas_section_is_off_by_default_and_strict() {
+        assert_eq!(AgentConfigFile::parse("flux: {}\n").unwrap().kas_section(), KasSection::default());
+        let off = AgentConfigFile::parse("kas: {}\n").unwrap().kas_section();
+        assert!(!off.cluster_read && !off.oci.enabled && !off.sync_status.enabled);
+        let on = AgentConfigFile::parse(
+            "kas:\n  cluster_read: true\n  oci:\n    enabled: true\n  sync_status:\n    enabled: true\n    projects: [group/app]\n",
+        )
+        .unwrap()
+        .kas_section();
+        assert!(on.cluster_read && on.oci.enabled && on.sync_status.enabled);
+        assert_eq!(on.sync_status.projects, ["group/app"]);
+        for (text, named) in [
+            ("kas:\n  cluster_reed: true\n", "cluster_reed"),
+            ("kas:\n  oci:\n    enable: true\n", "enable"),
+            ("kas:\n  sync_status:\n    projects: [\"not a path\"]\n", "not a path"),
+        ] {
+            let err = AgentConfigFile::parse(text).unwrap_err().to_string();
+            assert!(err.contains(named), "{err}");
+        }
+        assert!(AgentConfigFile::parse("kas:\n  cluster_read: yes please\n").is_err());
     }
 
     #[test]

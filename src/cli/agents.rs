@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use super::{CliError, format_time, io};
-use crate::engine::{ConnectionRecord, PodRecord};
+use crate::engine::{ConnectionRecord, PodRecord, TunnelCount};
 
 /// Arguments of `kas agents`.
 #[derive(Debug, clap::Args)]
@@ -27,6 +27,8 @@ struct Answer {
     connections: Vec<ConnectionRecord>,
     #[serde(default)]
     pods: Vec<PodRecord>,
+    #[serde(default)]
+    tunnels: Vec<TunnelCount>,
 }
 
 /// Runs `kas agents`.
@@ -49,9 +51,10 @@ pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), 
     }
     let answer: Answer = response.json().await.map_err(|e| CliError::Other(format!("{url}: {e}")))?;
     if args.json {
-        let text =
-            serde_json::to_string_pretty(&serde_json::json!({"connections": answer.connections, "pods": answer.pods}))
-                .expect("serializable");
+        let text = serde_json::to_string_pretty(
+            &serde_json::json!({"connections": answer.connections, "pods": answer.pods, "tunnels": answer.tunnels}),
+        )
+        .expect("serializable");
         return writeln!(out, "{text}").map_err(io);
     }
     writeln!(out, "STREAMS").map_err(io)?;
@@ -86,6 +89,12 @@ pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), 
             format_time(p.connected_at)
         )
         .map_err(io)?;
+    }
+    writeln!(out, "\nTUNNELS").map_err(io)?;
+    writeln!(out, "{:<8} {:<24} {:<30} {:<6} BUSY", "AGENT", "NAME", "REPLICA", "IDLE").map_err(io)?;
+    for t in answer.tunnels {
+        writeln!(out, "{:<8} {:<24} {:<30} {:<6} {}", t.agent_id, t.agent_name, t.replica, t.idle, t.busy)
+            .map_err(io)?;
     }
     Ok(())
 }

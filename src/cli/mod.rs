@@ -3,6 +3,7 @@
 
 mod agents;
 pub mod client;
+mod cluster;
 mod health;
 mod push;
 mod registry;
@@ -60,6 +61,12 @@ pub enum Command {
     Agents(agents::AgentsArgs),
     /// Check that a server is alive (GET /healthz): exit 0 if it is, 1 if not
     Health(health::HealthArgs),
+    /// Read an agent's Kubernetes API through its tunnel (agents with kas.cluster_read: true)
+    Cluster {
+        /// Action.
+        #[command(subcommand)]
+        action: cluster::ClusterCommand,
+    },
 }
 
 /// Why a command failed; printed as one line.
@@ -120,6 +127,7 @@ pub async fn run(command: Command, out: &mut impl std::io::Write) -> Result<(), 
         Command::Watch(args) => watch::run(args, out).await,
         Command::Agents(args) => agents::run(args, out).await,
         Command::Health(args) => health::run(args, out).await,
+        Command::Cluster { action } => cluster::run(action, out).await,
     }
 }
 

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::{
-    Broadcast, ConnectionRecord, EngineContext, EngineError, PodFilter, PodRecord, PositionCache, Presence,
-    RefusalCache, TooManyPods,
+    Broadcast, ConnectionRecord, DirectMessages, EngineContext, EngineError, OnceActions, OnceClaim, PodFilter,
+    PodRecord, PositionCache, Presence, RefusalCache, TooManyPods, TunnelCount, TunnelPresence,
 };
 use crate::clock::Clock;
 use crate::domain::{AgentId, DeliveryPosition, EventNotice};
@@ -21,6 +21,10 @@ pub struct MemoryEngine {
     pods: Mutex<HashMap<(AgentId, i64), PodRecord>>,
     /// Refused credential digests and until when (Unix milliseconds).
     refusals: Mutex<HashMap<String, i64>>,
+    tunnels: Mutex<HashMap<AgentId, TunnelCount>>,
+    /// Once-only claims: key → (done, until).
+    once: Mutex<HashMap<String, (bool, std::time::Instant)>>,
+    direct: std::sync::OnceLock<tokio::sync::mpsc::Sender<String>>,
     /// Registrations and refusals expire by this clock.
     clock: Clock,
 }
@@ -31,6 +35,9 @@ impl MemoryEngine {
         Self { clock, ..Self::default() }
     }
 }
+
+/// The instance name of the only replica.
+const LOCAL: &str = "local";
 
 #[async_trait]
 impl Broadcast for MemoryEngine {
@@ -159,5 +166,80 @@ mod tests {
         clock.advance(Duration::from_secs(30));
         assert!(engine.pods(PodFilter::Agent(7)).await.unwrap().is_empty(), "the registration outlived its expiry");
         engine.register_pod(pod(7, 2, clock.now_ms() + 60_000), 1).await.expect("the expired pod no longer counts");
+    }
+}
+
+#[async_trait]
+impl TunnelPresence for MemoryEngine {
+    fn instance(&self) -> String {
+        LOCAL.into()
+    }
+
+    async fn publish_tunnels(&self, counts: &[TunnelCount], full: bool) {
+        let mut tunnels = self.tunnels.lock().expect("tunnels lock");
+        if full {
+            tunnels.clear();
+        }
+        for c in counts {
+            if c.idle + c.busy == 0 {
+                tunnels.remove(&c.agent_id);
+            } else {
+                tunnels.insert(c.agent_id, TunnelCount { replica: LOCAL.into(), ..c.clone() });
+            }
+        }
+    }
+
+    async fn tunnels(&self) -> Result<Vec<TunnelCount>, EngineError> {
+        let mut all: Vec<_> = self.tunnels.lock().expect("tunnels lock").values().cloned().collect();
+        all.sort_by_key(|t| t.agent_id);
+        Ok(all)
+    }
+
+    async fn tunnel_holders(&self, agent: AgentId) -> Result<Vec<TunnelCount>, EngineError> {
+        Ok(self.tunnels.lock().expect("tunnels lock").get(&agent).cloned().into_iter().collect())
+    }
+}
+
+#[async_trait]
+impl OnceActions for MemoryEngine {
+    async fn claim_once(&self, key: &str, ttl: std::time::Duration) -> Result<OnceClaim, EngineError> {
+        let mut once = self.once.lock().expect("once lock");
+        let now = std::time::Instant::now();
+        once.retain(|_, (_, until)| *until > now);
+        match once.get(key) {
+            Some((true, _)) => Ok(OnceClaim::Done),
+            Some((false, _)) => Ok(OnceClaim::Running),
+            None => {
+                once.insert(key.to_owned(), (false, now + ttl));
+                Ok(OnceClaim::Won)
+            }
+        }
+    }
+
+    async fn once_done(&self, key: &str) -> Result<bool, EngineError> {
+        let now = std::time::Instant::now();
+        Ok(self.once.lock().expect("once lock").get(key).is_some_and(|(done, until)| *done && *until > now))
+    }
+
+    async fn finish_once(&self, key: &str, keep: std::time::Duration) -> Result<(), EngineError> {
+        self.once.lock().expect("once lock").insert(key.to_owned(), (true, std::time::Instant::now() + keep));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DirectMessages for MemoryEngine {
+    async fn send_direct(&self, to: &str, body: String) -> Result<(), EngineError> {
+        // One replica: a message can only be for itself.
+        match self.direct.get() {
+            Some(sink) if to == LOCAL => {
+                sink.try_send(body).map_err(|_| EngineError::Unavailable("direct messages queue full".into()))
+            }
+            _ => Err(EngineError::Unavailable(format!("no replica {to}"))),
+        }
+    }
+
+    fn on_direct(&self, sink: tokio::sync::mpsc::Sender<String>) {
+        let _ = self.direct.set(sink);
     }
 }

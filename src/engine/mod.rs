@@ -144,6 +144,40 @@ impl PodFilter {
     }
 }
 
+/// This replica's tunnels for one agent, as the tunnel presence lists them across replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelCount {
+    /// Agent id.
+    pub agent_id: AgentId,
+    /// Agent name.
+    pub agent_name: String,
+    /// The replica instance holding them (filled in by the engine; what direct messages address).
+    #[serde(default)]
+    pub replica: String,
+    /// Tunnels waiting for a request.
+    pub idle: usize,
+    /// Tunnels carrying a request now.
+    pub busy: usize,
+    /// What the agent's latest tunnel serves (`service/method`, from its descriptor).
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// What a claim of a once-only action found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnceClaim {
+    /// This replica holds the claim: it acts, then calls `finish_once`.
+    Won,
+    /// Another replica holds the claim and has not finished (it expires if that replica dies).
+    Running,
+    /// The action was done.
+    Done,
+}
+
+/// Largest direct message between replicas (signed envelope included): kept well under Redis's
+/// default output buffer limit for pub/sub clients (32 MiB), past which Redis drops the subscriber.
+pub const MAX_DIRECT_MESSAGE: usize = 24 << 20;
+
 /// What an engine's background tasks need.
 pub struct EngineContext {
     /// This replica's delivery, fed with other replicas' events.
@@ -212,7 +246,50 @@ pub trait RefusalCache: Send + Sync + 'static {
     async fn was_refused(&self, key: &str) -> bool;
 }
 
-/// Every role an engine plays; consumers take the one role they need.
-pub trait Engine: Broadcast + PositionCache + Presence + RefusalCache {}
+/// Which replica holds which agents' tunnels.
+#[async_trait]
+pub trait TunnelPresence: Send + Sync + 'static {
+    /// This process among the replicas: what tunnel presence names and direct messages address.
+    fn instance(&self) -> String;
+    /// Publishes this replica's tunnel counts for the agents in `counts` (a zero count removes
+    /// the agent); `full` replaces the replica's whole table. Best effort.
+    async fn publish_tunnels(&self, counts: &[TunnelCount], full: bool);
+    /// Tunnel counts on every live replica.
+    async fn tunnels(&self) -> Result<Vec<TunnelCount>, EngineError>;
+    /// The live replicas holding tunnels of `agent`, with their counts.
+    async fn tunnel_holders(&self, agent: AgentId) -> Result<Vec<TunnelCount>, EngineError>;
+}
 
-impl<T: Broadcast + PositionCache + Presence + RefusalCache> Engine for T {}
+/// Actions that must run once across replicas (a short lock, then a done mark).
+#[async_trait]
+pub trait OnceActions: Send + Sync + 'static {
+    /// Claims the once-only action `key` for `ttl` (SET NX PX): a claim that is not finished
+    /// expires, so another replica may act if this one dies.
+    async fn claim_once(&self, key: &str, ttl: Duration) -> Result<OnceClaim, EngineError>;
+    /// Whether the once-only action `key` was marked done (by any replica).
+    async fn once_done(&self, key: &str) -> Result<bool, EngineError>;
+    /// Marks the once-only action `key` done, remembered for `keep`.
+    async fn finish_once(&self, key: &str, keep: Duration) -> Result<(), EngineError>;
+}
+
+/// Signed messages from one replica to another (tunnel calls relayed to the replica holding
+/// the tunnel, and their answers).
+#[async_trait]
+pub trait DirectMessages: Send + Sync + 'static {
+    /// Sends `body` to the replica instance `to`, signed; it arrives on that replica's direct
+    /// sink (`on_direct`) or not at all.
+    async fn send_direct(&self, to: &str, body: String) -> Result<(), EngineError>;
+    /// Where this replica's direct messages go; set once, before `start`.
+    fn on_direct(&self, sink: tokio::sync::mpsc::Sender<String>);
+}
+
+/// Every role an engine plays; consumers take the one role they need.
+pub trait Engine:
+    Broadcast + PositionCache + Presence + RefusalCache + TunnelPresence + OnceActions + DirectMessages
+{
+}
+
+impl<T> Engine for T where
+    T: Broadcast + PositionCache + Presence + RefusalCache + TunnelPresence + OnceActions + DirectMessages
+{
+}

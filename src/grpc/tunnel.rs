@@ -1,12 +1,14 @@
-//! `ReverseTunnel/Connect` and `GitlabAccess/MakeRequest`: kas offers no tunnelled services and
-//! no GitLab access, but answers both so that an unmodified agentk runs without error loops.
-//! Connect reads the agent's descriptor and holds the stream until shutdown, the connection's
-//! maximum age, revocation or the agent closing it; MakeRequest answers HTTP 404.
+//! `ReverseTunnel/Connect` and `GitlabAccess/MakeRequest`. Connect reads the agent's descriptor
+//! and offers the stream to the tunnel registry (`crate::tunnel`) as an idle tunnel until a call
+//! claims it, the agent closes it, its token is revoked, or the connection closes (shutdown,
+//! maximum age). kas offers no GitLab access: MakeRequest answers HTTP 404.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::OpenGauge;
@@ -16,6 +18,7 @@ use crate::proto::gitlab_access::rpc::{self as access, HttpRequest, HttpResponse
 use crate::proto::reverse_tunnel::rpc::connect_request::Msg;
 use crate::proto::reverse_tunnel::rpc::reverse_tunnel_server::ReverseTunnel;
 use crate::proto::reverse_tunnel::rpc::{ConnectRequest, ConnectResponse};
+use crate::tunnel::{Served, TunnelIo};
 
 /// The ReverseTunnel and GitlabAccess services.
 pub struct TunnelService {
@@ -32,42 +35,73 @@ impl TunnelService {
 type ConnectStream = Pin<Box<dyn Stream<Item = Result<ConnectResponse, Status>> + Send>>;
 type AccessStream = Pin<Box<dyn Stream<Item = Result<HttpResponse, Status>> + Send>>;
 
+/// How an idle tunnel's wait ended.
+enum IdleEnd {
+    /// Ended here: the status to end the stream with (`None`: OK).
+    Ended(Option<Status>),
+    /// A call claimed it: hand the stream over.
+    Claimed(tokio::sync::oneshot::Sender<TunnelIo>),
+}
+
 #[tonic::async_trait]
 impl ReverseTunnel for TunnelService {
     type ConnectStream = ConnectStream;
 
     async fn connect(&self, request: Request<Streaming<ConnectRequest>>) -> Result<Response<ConnectStream>, Status> {
-        let app = &self.app;
-        let agent = super::authenticate_agent(app, request.metadata(), request.extensions()).await?;
-        let closing = super::closing(app, request.extensions());
+        let app = self.app.clone();
+        let agent = super::authenticate_agent(&app, request.metadata(), request.extensions()).await?;
+        let closing = super::closing(&app, request.extensions());
         let mut inbound = request.into_inner();
-        match inbound.message().await? {
+        let served = match inbound.message().await? {
             Some(ConnectRequest { msg: Some(Msg::Descriptor(d)) }) => {
-                let services = d.agent_descriptor.map(|a| a.services.len()).unwrap_or(0);
-                tracing::debug!(agent = agent.id, services, "reverse tunnel held open (kas routes nothing through it)");
+                Served::from_descriptor(d.agent_descriptor.as_ref())
             }
             Some(_) => return Err(Status::invalid_argument("the first message must be the agent descriptor")),
             None => return Ok(Response::new(Box::pin(futures::stream::empty()))),
-        }
+        };
         let credential = app.hub.watch_credential(&agent).map_err(super::too_many)?;
         let gauge = OpenGauge::new(app.metrics.streams("reverse_tunnel"));
-        // One future that ends the stream: OK when the connection closes or the agent hangs
-        // up, UNAUTHENTICATED when the token is revoked.
-        let held = futures::stream::once(async move {
-            let _open = gauge;
-            loop {
-                tokio::select! {
-                    _ = closing.cancelled() => return None,
-                    end = credential.revoked.ended() => return Some(Err(super::stream_end_status(end))),
-                    message = inbound.message() => match message {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => return None,
-                    },
+        tracing::debug!(agent = agent.id, methods = served.methods.len(), "reverse tunnel idle");
+        let (registration, claims) = app.tunnels.registry().add(&agent, served);
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let revoked = credential.revoked.clone();
+            let end = tokio::select! {
+                _ = closing.cancelled() => IdleEnd::Ended(None),
+                end = revoked.ended() => IdleEnd::Ended(Some(super::stream_end_status(end))),
+                _ = tx.closed() => IdleEnd::Ended(None),
+                // agentk sends nothing while idle: anything, or its end, ends the tunnel.
+                message = inbound.message() => IdleEnd::Ended(match message {
+                    Ok(Some(_)) => Some(Status::invalid_argument("a tunnel sends nothing before its request")),
+                    Ok(None) | Err(_) => None,
+                }),
+                claim = claims => match claim {
+                    Ok(reply) => IdleEnd::Claimed(reply),
+                    Err(_) => IdleEnd::Ended(None),
+                },
+            };
+            // Out of the registry at once, before anything else can pick it.
+            drop(registration);
+            match end {
+                IdleEnd::Ended(None) => {}
+                IdleEnd::Ended(Some(status)) => {
+                    let _ = tx.try_send(Err(status));
+                }
+                IdleEnd::Claimed(reply) => {
+                    let io = TunnelIo {
+                        agent,
+                        inbound: Box::pin(inbound),
+                        outbound: tx,
+                        revoked,
+                        closing,
+                        hold: Box::new((credential, gauge)),
+                    };
+                    // A caller that gave up drops the stream: it ends with OK and agentk reopens.
+                    let _ = reply.send(io);
                 }
             }
-        })
-        .filter_map(futures::future::ready);
-        Ok(Response::new(Box::pin(held)))
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 

@@ -1,8 +1,11 @@
 //! The HTTP listener (axum): webhooks, liveness, readiness and metrics. The only place that
 //! knows HTTP status codes.
 
+mod cluster;
 mod registry;
 mod webhook;
+
+pub use cluster::CLUSTER_STATUS;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +29,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/webhooks/gitlab", post(webhook::receive))
         .route("/webhooks/registry", post(registry::receive))
         .route("/agents", get(agents))
+        .route("/cluster", get(cluster::get))
         .with_state(app)
 }
 
@@ -77,25 +81,41 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-/// `GET /agents`: open agent streams on every replica. Guarded by the admin secret as a bearer
-/// token, since it names agents (the webhook secrets open no operator endpoint).
-async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> Response {
+/// The 401 for a request without the admin secret as its bearer token; `None` when it has it.
+fn refuse_non_admin(app: &App, headers: &axum::http::HeaderMap) -> Option<Response> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(crate::secrets::bearer_credential)
         .map(str::as_bytes)
         .unwrap_or_default();
-    if !app.secrets.admin_matches(presented) {
-        app.metrics.auth_failure("admin");
-        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "Authorization: Bearer <admin secret> required"})))
-            .into_response();
+    if app.secrets.admin_matches(presented) {
+        return None;
+    }
+    app.metrics.auth_failure("admin");
+    Some(
+        (StatusCode::UNAUTHORIZED, Json(json!({"error": "Authorization: Bearer <admin secret> required"})))
+            .into_response(),
+    )
+}
+
+/// `GET /agents`: open agent streams on every replica. Guarded by the admin secret as a bearer
+/// token, since it names agents (the webhook secrets open no operator endpoint).
+async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(refused) = refuse_non_admin(&app, &headers) {
+        return refused;
     }
     let listed = async {
-        Ok::<_, crate::engine::EngineError>((app.engine.connections().await?, app.engine.pods(PodFilter::All).await?))
+        Ok::<_, crate::engine::EngineError>((
+            app.engine.connections().await?,
+            app.engine.pods(PodFilter::All).await?,
+            app.engine.tunnels().await?,
+        ))
     };
     match listed.await {
-        Ok((connections, pods)) => Json(json!({ "connections": connections, "pods": pods })).into_response(),
+        Ok((connections, pods, tunnels)) => {
+            Json(json!({ "connections": connections, "pods": pods, "tunnels": tunnels })).into_response()
+        }
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
     }
 }

@@ -18,3 +18,4 @@ mod security;
 mod server;
 mod store_story;
 mod streams;
+mod tunnel;

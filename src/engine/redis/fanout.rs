@@ -15,7 +15,7 @@ use crate::engine::{Broadcast, EngineContext, EngineError};
 use crate::store::{LogReplay, replay_log};
 
 /// How often the subscription is checked with a PING.
-const SUBSCRIPTION_PING: Duration = Duration::from_secs(2);
+pub(super) const SUBSCRIPTION_PING: Duration = Duration::from_secs(2);
 /// Catch-up reaches this far before the moment the subscription was found lost.
 const CATCH_UP_OVERLAP_MS: i64 = 30_000;
 /// Events read from the log per catch-up query.
@@ -232,6 +232,9 @@ impl Broadcast for RedisEngine {
             tasks: ctx.tasks.clone(),
         };
         let tasks = ctx.tasks.clone();
+        if let Some(sink) = self.direct.get().cloned() {
+            tasks.spawn(self.clone().direct_loop(sink, ctx.shutdown.clone()));
+        }
         tasks.spawn(self.clone().subscribe_loop(ctx));
         tasks.spawn(self.heartbeat_loop(heartbeat_ctx));
     }

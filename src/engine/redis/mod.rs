@@ -23,11 +23,14 @@
 //! One file per role: `fanout` (publish, subscribe, catch up), `presence` (connection table, pod
 //! registrations, heartbeat), `positions`, `refusals`; `target` parses the URL forms.
 
+mod direct;
 mod fanout;
+mod once;
 mod positions;
 mod presence;
 mod refusals;
 mod target;
+mod tunnels;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,6 +90,15 @@ impl Keys {
     fn refusal(&self, key: &str) -> String {
         format!("{}:refused:{key}", self.prefix)
     }
+    fn tunnels(&self, replica: &str) -> String {
+        format!("{}:tunnels:{replica}", self.prefix)
+    }
+    fn once(&self, key: &str) -> String {
+        format!("{}:once:{key}", self.prefix)
+    }
+    fn direct(&self, replica: &str) -> String {
+        format!("{}:direct:{replica}", self.prefix)
+    }
     fn pod_agents(&self) -> String {
         format!("{}:pods:agents", self.prefix)
     }
@@ -131,6 +143,8 @@ pub struct RedisEngine {
     metrics: Arc<Metrics>,
     /// Registrations, heartbeats and catch-up windows are timed by it.
     clock: Clock,
+    /// Where direct messages for this replica go (`on_direct`).
+    direct: std::sync::OnceLock<tokio::sync::mpsc::Sender<String>>,
 }
 
 impl RedisEngine {
@@ -163,6 +177,7 @@ impl RedisEngine {
             rewrite_connections: AtomicBool::new(true),
             metrics,
             clock,
+            direct: std::sync::OnceLock::new(),
         }
     }
 

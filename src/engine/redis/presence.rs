@@ -16,7 +16,7 @@ use crate::engine::{ConnectionRecord, EngineContext, EngineError, PodFilter, Pod
 /// How often a replica refreshes its entry in the connection state.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A replica silent this long is considered gone; its connection table expires with it.
-const REPLICA_TTL: Duration = Duration::from_secs(20);
+pub(super) const REPLICA_TTL: Duration = Duration::from_secs(20);
 /// Heartbeats between full rewrites of the replica's connection table.
 const FULL_REWRITE_EVERY: u32 = 12;
 
@@ -41,6 +41,7 @@ impl RedisEngine {
         let key = self.keys.connections(&self.replica);
         let mut pipe = redis::pipe();
         pipe.cmd("DEL").arg(&key).ignore().cmd("ZREM").arg(&self.keys.replicas).arg(&self.replica).ignore();
+        pipe.cmd("DEL").arg(self.keys.tunnels(&self.replica)).ignore();
         let _ = self.run::<()>(&pipe).await;
     }
 

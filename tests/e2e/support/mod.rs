@@ -6,8 +6,10 @@ pub mod agent;
 pub mod agentk;
 pub mod db;
 pub mod gitlab;
+pub mod kube;
 pub mod process;
 pub mod redis;
+pub mod tunnel;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -71,6 +73,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     /// `http://<http listener>` or `https://localhost:<port>`.
     pub base: String,
+    /// The running server's shared state (its library API).
+    pub state: Arc<kas::app::App>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), kas::ServeError>>>,
 }
@@ -102,11 +106,17 @@ impl TestApp {
             listeners.api.local_addr().unwrap(),
         );
         let (tx, rx) = oneshot::channel::<()>();
+        let (state_tx, state_rx) = oneshot::channel();
         let secret_file = config.webhook_secret_file.clone();
         let admin_file = config.admin_secret_file.clone().unwrap_or_else(|| data_dir.join("admin-secret"));
-        let task = tokio::spawn(kas::serve(config, listeners, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(kas::server::serve_with_state(
+            config,
+            listeners,
+            async move {
+                let _ = rx.await;
+            },
+            Some(state_tx),
+        ));
         // With TLS the client trusts the configured (self-signed) certificate and speaks https.
         let tls_cert = settings_tls.as_ref().map(|p| std::fs::read(p).unwrap());
         let mut client = reqwest::Client::builder().timeout(Duration::from_secs(15));
@@ -137,6 +147,7 @@ impl TestApp {
         let webhook_secret = first_word(&secret_path);
         let admin_secret = first_word(&admin_file);
         let store = db.open_store().await;
+        let state = state_rx.await.expect("the server hands over its state");
         TestApp {
             http,
             agent,
@@ -148,6 +159,7 @@ impl TestApp {
             admin_secret,
             client,
             base,
+            state,
             shutdown: Some(tx),
             task: Some(task),
         }
