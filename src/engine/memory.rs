@@ -130,44 +130,6 @@ impl RefusalCache for MemoryEngine {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::engine::AgentMetaRecord;
-
-    fn pod(agent: AgentId, pod_id: i64, expires_at: i64) -> PodRecord {
-        PodRecord {
-            agent_id: agent,
-            project_id: 1,
-            pod_id,
-            meta: AgentMetaRecord::default(),
-            connected_at: 0,
-            replica: "r".into(),
-            expires_at,
-        }
-    }
-
-    #[tokio::test]
-    async fn registrations_and_refusals_expire_by_the_engine_clock() {
-        let clock = Clock::manual(1_000_000);
-        let engine = MemoryEngine::with_clock(clock.clone());
-        engine.register_pod(pod(7, 1, 1_000_000 + 60_000), 1).await.unwrap();
-        engine.remember_refusal("digest", Duration::from_secs(30)).await;
-        assert_eq!(engine.pods(PodFilter::Agent(7)).await.unwrap().len(), 1);
-        assert!(engine.register_pod(pod(7, 2, 1_000_000 + 60_000), 1).await.is_err(), "one pod allowed");
-        assert!(engine.was_refused("digest").await);
-
-        clock.advance(Duration::from_secs(31));
-        assert!(!engine.was_refused("digest").await, "the refusal outlived its ttl");
-        assert_eq!(engine.pods(PodFilter::Agent(7)).await.unwrap().len(), 1);
-
-        clock.advance(Duration::from_secs(30));
-        assert!(engine.pods(PodFilter::Agent(7)).await.unwrap().is_empty(), "the registration outlived its expiry");
-        engine.register_pod(pod(7, 2, clock.now_ms() + 60_000), 1).await.expect("the expired pod no longer counts");
-    }
-}
 
 #[async_trait]
 impl TunnelPresence for MemoryEngine {
@@ -241,5 +203,44 @@ impl DirectMessages for MemoryEngine {
 
     fn on_direct(&self, sink: tokio::sync::mpsc::Sender<String>) {
         let _ = self.direct.set(sink);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::AgentMetaRecord;
+
+    fn pod(agent: AgentId, pod_id: i64, expires_at: i64) -> PodRecord {
+        PodRecord {
+            agent_id: agent,
+            project_id: 1,
+            pod_id,
+            meta: AgentMetaRecord::default(),
+            connected_at: 0,
+            replica: "r".into(),
+            expires_at,
+        }
+    }
+
+    #[tokio::test]
+    async fn registrations_and_refusals_expire_by_the_engine_clock() {
+        let clock = Clock::manual(1_000_000);
+        let engine = MemoryEngine::with_clock(clock.clone());
+        engine.register_pod(pod(7, 1, 1_000_000 + 60_000), 1).await.unwrap();
+        engine.remember_refusal("digest", Duration::from_secs(30)).await;
+        assert_eq!(engine.pods(PodFilter::Agent(7)).await.unwrap().len(), 1);
+        assert!(engine.register_pod(pod(7, 2, 1_000_000 + 60_000), 1).await.is_err(), "one pod allowed");
+        assert!(engine.was_refused("digest").await);
+
+        clock.advance(Duration::from_secs(31));
+        assert!(!engine.was_refused("digest").await, "the refusal outlived its ttl");
+        assert_eq!(engine.pods(PodFilter::Agent(7)).await.unwrap().len(), 1);
+
+        clock.advance(Duration::from_secs(30));
+        assert!(engine.pods(PodFilter::Agent(7)).await.unwrap().is_empty(), "the registration outlived its expiry");
+        engine.register_pod(pod(7, 2, clock.now_ms() + 60_000), 1).await.expect("the expired pod no longer counts");
     }
 }
