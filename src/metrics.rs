@@ -92,6 +92,10 @@ pub struct Metrics {
     pub tunnel_calls: Family<ResultLabel, Counter>,
     /// Seconds a call into a cluster took until its answer's header (or its failure).
     pub tunnel_call_seconds: Histogram,
+    /// OCIRepository reconciles requested for image pushes, per agent and event, by outcome.
+    pub oci_reconciles: Family<ResultLabel, Counter>,
+    /// Seconds from a registry push's receipt to the reconcile request in a cluster.
+    pub registry_push_to_patch_seconds: Histogram,
 }
 
 /// Label for a state (`idle`, `busy`).
@@ -153,6 +157,8 @@ impl Metrics {
             tunnels_open: Family::default(),
             tunnel_calls: Family::default(),
             tunnel_call_seconds: latency(),
+            oci_reconciles: Family::default(),
+            registry_push_to_patch_seconds: latency(),
             registry: Registry::default(),
         };
         registry.register("webhooks", "Webhook requests by result", m.webhooks.clone());
@@ -244,6 +250,16 @@ impl Metrics {
             "Time a call into a cluster took until its answer's header or its failure",
             m.tunnel_call_seconds.clone(),
         );
+        registry.register(
+            "oci_reconciles",
+            "OCIRepository reconciles for image pushes, per agent and event, by outcome (ok, no_match, forbidden, not_opted_in, failed; retry when the cluster could not be reached yet)",
+            m.oci_reconciles.clone(),
+        );
+        registry.register(
+            "registry_push_to_patch_seconds",
+            "Time from a registry push's receipt to kas's reconcile request in an agent's cluster",
+            m.registry_push_to_patch_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -285,6 +301,11 @@ impl Metrics {
     /// The gauge of tunnels in `state`.
     pub fn tunnels(&self, state: &'static str) -> Gauge {
         self.tunnels_open.get_or_create(&StateLabel { state }).clone()
+    }
+
+    /// Counts an OCIRepository reconcile outcome.
+    pub fn oci_reconcile(&self, result: &'static str) {
+        self.oci_reconciles.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// Counts a call into a cluster.

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::actions::runner::{OciActions, OciParts, OciSettings};
 use crate::agentcfg::source::{ConfigSource, RegistryConfigSource};
 use crate::agentcfg::watch::ConfigWatch;
 use crate::app::{App, Readiness};
@@ -171,9 +172,21 @@ pub async fn serve_with_state(
     );
     // Before the engine starts: it routes relayed calls to the tunnels.
     tunnels.start(token.clone(), &background);
-    // Every recorded push goes to the agent streams and to the configuration watch (a push to a
-    // configuration project may change an agent's configuration file).
-    let local: Arc<dyn LocalDelivery> = Arc::new(DeliverToAll(vec![hub.clone(), config_watch.clone()]));
+    let oci = OciActions::new(
+        OciParts {
+            tunnels: tunnels.clone(),
+            log: store.clone(),
+            directory: directory.clone(),
+            once: engine.clone(),
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+        },
+        oci_settings(&config),
+    );
+    oci.start(token.clone(), &background);
+    // Every recorded event goes to the agent streams, the configuration watch (a push to a
+    // configuration project may change an agent's configuration file) and the OCI actor.
+    let local: Arc<dyn LocalDelivery> = Arc::new(DeliverToAll(vec![hub.clone(), config_watch.clone(), oci]));
     engine.clone().start(EngineContext {
         local: local.clone(),
         log: store.clone(),
@@ -305,6 +318,18 @@ fn hub_config(config: &Config) -> HubConfig {
         credential_grace: config.credential_grace,
         max_streams_per_agent: config.max_streams_per_agent,
         replica: config.replica_name.clone(),
+    }
+}
+
+/// The OCI actor's settings, from the configuration.
+fn oci_settings(config: &Config) -> OciSettings {
+    OciSettings {
+        registry_host: config.registry_host.clone(),
+        replay_window: config.replay_window,
+        retention: config.event_retention,
+        // A list and a patch or two, each bounded by the tunnel's wait and call time.
+        action_timeout: (config.tunnel_wait + config.tunnel_timeout) * 3,
+        max_list_bytes: config.tunnel_max_response_body,
     }
 }
 

@@ -29,6 +29,8 @@ struct Answer {
     pods: Vec<PodRecord>,
     #[serde(default)]
     tunnels: Vec<TunnelCount>,
+    #[serde(default)]
+    cluster_actions: Vec<crate::store::ActionRecord>,
 }
 
 /// Runs `kas agents`.
@@ -51,9 +53,12 @@ pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), 
     }
     let answer: Answer = response.json().await.map_err(|e| CliError::Other(format!("{url}: {e}")))?;
     if args.json {
-        let text = serde_json::to_string_pretty(
-            &serde_json::json!({"connections": answer.connections, "pods": answer.pods, "tunnels": answer.tunnels}),
-        )
+        let text = serde_json::to_string_pretty(&serde_json::json!({
+            "connections": answer.connections,
+            "pods": answer.pods,
+            "tunnels": answer.tunnels,
+            "cluster_actions": answer.cluster_actions,
+        }))
         .expect("serializable");
         return writeln!(out, "{text}").map_err(io);
     }
@@ -94,6 +99,13 @@ pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), 
     writeln!(out, "{:<8} {:<24} {:<30} {:<6} BUSY", "AGENT", "NAME", "REPLICA", "IDLE").map_err(io)?;
     for t in answer.tunnels {
         writeln!(out, "{:<8} {:<24} {:<30} {:<6} {}", t.agent_id, t.agent_name, t.replica, t.idle, t.busy)
+            .map_err(io)?;
+    }
+    writeln!(out, "\nLAST CLUSTER ACTION PER AGENT").map_err(io)?;
+    writeln!(out, "{:<8} {:<8} {:<14} {:<20} DETAIL", "AGENT", "EVENT", "OUTCOME", "AT").map_err(io)?;
+    let mut seen = std::collections::HashSet::new();
+    for a in answer.cluster_actions.iter().filter(|a| seen.insert(a.agent)) {
+        writeln!(out, "{:<8} {:<8} {:<14} {:<20} {}", a.agent, a.seq, a.outcome, format_time(a.done_at), a.detail)
             .map_err(io)?;
     }
     Ok(())

@@ -130,7 +130,6 @@ impl RefusalCache for MemoryEngine {
     }
 }
 
-
 #[async_trait]
 impl TunnelPresence for MemoryEngine {
     fn instance(&self) -> String {

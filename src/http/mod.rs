@@ -112,9 +112,15 @@ async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> 
             app.engine.tunnels().await?,
         ))
     };
+    // What kas last did in clusters (OCI reconciles), newest first.
+    let actions = match app.store.recent_actions(200).await {
+        Ok(actions) => actions,
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
+    };
     match listed.await {
         Ok((connections, pods, tunnels)) => {
-            Json(json!({ "connections": connections, "pods": pods, "tunnels": tunnels })).into_response()
+            Json(json!({ "connections": connections, "pods": pods, "tunnels": tunnels, "cluster_actions": actions }))
+                .into_response()
         }
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
     }

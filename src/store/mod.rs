@@ -16,8 +16,8 @@ use async_trait::async_trait;
 
 use crate::config::{Backend, StoreConfig};
 use crate::domain::{
-    AgentId, AgentName, DeliveryPosition, EventNotice, LoggedEvent, NewEvent, ProjectInfo, ProjectPath, RecordOutcome,
-    TokenDigest,
+    AgentId, AgentName, DeliveryPosition, EventKind, EventNotice, LoggedEvent, NewEvent, ProjectInfo, ProjectPath,
+    RecordOutcome, TokenDigest,
 };
 
 pub use postgres::PostgresStore;
@@ -215,11 +215,53 @@ pub trait PositionStore: Send + Sync + 'static {
     async fn load_position(&self, agent: AgentId) -> Result<Option<DeliveryPosition>, StoreError>;
 }
 
+/// One thing kas did (or decided not to do) in an agent's cluster for one event.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ActionRecord {
+    /// The agent.
+    pub agent: AgentId,
+    /// The event's sequence number.
+    pub seq: i64,
+    /// `ok`, `no_match`, `forbidden`, `not_opted_in`, `failed`.
+    pub outcome: String,
+    /// What was done, for the operator (objects patched, or the error).
+    pub detail: String,
+    /// Unix milliseconds.
+    pub done_at: i64,
+}
+
+/// What kas did in agents' clusters for recorded events: the marks that make each action
+/// happen once per agent and event, also across replicas and restarts.
+#[async_trait]
+pub trait ActionLog: Send + Sync + 'static {
+    /// Events of `kind` received at or after `not_before`, in sequence order, at most `limit`.
+    async fn events_of_kind(
+        &self,
+        kind: EventKind,
+        not_before: i64,
+        limit: i64,
+    ) -> Result<Vec<EventNotice>, StoreError>;
+    /// The (agent, event) pairs already acted on among these events.
+    async fn actions_done(&self, seqs: &[i64]) -> Result<Vec<(AgentId, i64)>, StoreError>;
+    /// Records an action; a second record for the same agent and event is ignored.
+    async fn record_action(&self, action: &ActionRecord) -> Result<(), StoreError>;
+    /// The newest `limit` actions.
+    async fn recent_actions(&self, limit: i64) -> Result<Vec<ActionRecord>, StoreError>;
+    /// Forgets actions done before `before`; returns how many.
+    async fn prune_actions(&self, before: i64) -> Result<u64, StoreError>;
+}
+
 /// Every storage role at once, as a backend implements them; a consumer that needs one role
 /// takes that trait (`Arc<dyn Store>` upcasts to any of them).
-pub trait Store: Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore {}
+pub trait Store:
+    Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore + ActionLog
+{
+}
 
-impl<T> Store for T where T: Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore {}
+impl<T> Store for T where
+    T: Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore + ActionLog
+{
+}
 
 /// Opens the database the configuration names (creating the SQLite file and its directory).
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {

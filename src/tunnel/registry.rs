@@ -214,6 +214,16 @@ impl TunnelRegistry {
         agents.get(&agent).is_some_and(|a| a.idle.iter().any(|t| t.served.kubernetes_api()) || a.busy > 0)
     }
 
+    /// The agents this replica holds a Kubernetes API tunnel of, as they authenticated.
+    pub fn agents(&self) -> Vec<AgentIdentity> {
+        let agents = self.agents.lock().expect("tunnels lock");
+        agents
+            .values()
+            .filter(|a| a.idle.iter().any(|t| t.served.kubernetes_api()) || a.busy > 0)
+            .map(|a| a.identity.clone())
+            .collect()
+    }
+
     /// The agent as its latest tunnel authenticated, waiting until `deadline` for one.
     pub async fn wait_identity(&self, agent: AgentId, deadline: Instant) -> Option<AgentIdentity> {
         loop {

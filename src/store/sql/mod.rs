@@ -14,6 +14,7 @@
 //! schema uses). Rust does not carry bounds on other types from a trait to its users, so they
 //! cannot live in [`SqlBackend`]; both databases meet them.
 
+mod actions;
 mod events;
 mod positions;
 mod registry;

@@ -1,0 +1,324 @@
+//! The OCI actor: every replica sees every recorded event; the one that holds a tunnel of an
+//! agent asks that agent's Flux to reconcile the OCIRepository objects an image push moved.
+//!
+//! A sweep reads the image pushes of the replay window from the event log, pairs them with the
+//! agents this replica holds tunnels of, and acts on each pair the access rule allows and the
+//! action log has no mark for. A recorded event wakes the sweep at once; a timer sweeps again,
+//! so an agent that connects later within the window still gets its reconcile, and work that
+//! failed for a passing reason (tunnel lost, cluster slow, a replica killed mid-call) is done
+//! again. A short engine claim per agent and event keeps two replicas that both hold tunnels
+//! of the agent from both acting; the mark in the database keeps it done across restarts.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::oci::{self, OciRepository, Pushed};
+use crate::clock::Clock;
+use crate::domain::{AgentId, EventKind, EventNotice};
+use crate::engine::{LocalDelivery, OnceActions, OnceClaim};
+use crate::identity::{AgentDirectory, AgentIdentity};
+use crate::metrics::Metrics;
+use crate::store::{ActionLog, ActionRecord};
+use crate::tunnel::{KubeRequest, Purpose, TunnelError, Tunnels};
+
+/// Image pushes read per sweep (the newest are acted on by the next sweep).
+const SWEEP_EVENTS: i64 = 1000;
+/// How often the window is swept when nothing wakes the actor.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Actions in flight on this replica at once.
+const CONCURRENCY: usize = 32;
+/// How often old action marks are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// Settings of the OCI actor.
+#[derive(Debug, Clone)]
+pub struct OciSettings {
+    /// The registry host OCIRepository URLs name; `None` takes each event's own.
+    pub registry_host: Option<String>,
+    /// How far back an agent that connects late still gets its reconcile.
+    pub replay_window: Duration,
+    /// How long action marks are kept (the event retention).
+    pub retention: Duration,
+    /// Longest one action may take (its calls included) before another replica may redo it.
+    pub action_timeout: Duration,
+    /// Largest OCIRepository list read from a cluster.
+    pub max_list_bytes: usize,
+}
+
+/// What one action ended in.
+struct Outcome {
+    result: &'static str,
+    detail: String,
+}
+
+impl Outcome {
+    fn new(result: &'static str, detail: impl Into<String>) -> Self {
+        Self { result, detail: detail.into() }
+    }
+}
+
+/// Reconciles OCIRepository objects for image pushes; see the module documentation.
+pub struct OciActions {
+    tunnels: Arc<Tunnels>,
+    log: Arc<dyn ActionLog>,
+    directory: Arc<dyn AgentDirectory>,
+    once: Arc<dyn OnceActions>,
+    metrics: Arc<Metrics>,
+    clock: Clock,
+    settings: OciSettings,
+    wake: Notify,
+    /// (agent, event) pairs being acted on here, so a sweep does not start them twice.
+    in_flight: Mutex<HashSet<(AgentId, i64)>>,
+    permits: Arc<Semaphore>,
+}
+
+/// What the OCI actor works with.
+pub struct OciParts {
+    /// Calls into clusters.
+    pub tunnels: Arc<Tunnels>,
+    /// Image pushes and the marks of what was done.
+    pub log: Arc<dyn ActionLog>,
+    /// The access rule.
+    pub directory: Arc<dyn AgentDirectory>,
+    /// Claims across replicas.
+    pub once: Arc<dyn OnceActions>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Times patches and marks.
+    pub clock: Clock,
+}
+
+impl OciActions {
+    /// An actor with nothing in flight.
+    pub fn new(parts: OciParts, settings: OciSettings) -> Arc<Self> {
+        Arc::new(Self {
+            tunnels: parts.tunnels,
+            log: parts.log,
+            directory: parts.directory,
+            once: parts.once,
+            metrics: parts.metrics,
+            clock: parts.clock,
+            settings,
+            wake: Notify::new(),
+            in_flight: Mutex::default(),
+            permits: Arc::new(Semaphore::new(CONCURRENCY)),
+        })
+    }
+
+    /// Sweeps until `stop`, on the server's task tracker.
+    pub fn start(self: &Arc<Self>, stop: CancellationToken, tasks: &TaskTracker) {
+        let actor = self.clone();
+        let work = tasks.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            let mut prune = tokio::time::interval(PRUNE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = actor.wake.notified() => actor.sweep(&work).await,
+                    _ = tick.tick() => actor.sweep(&work).await,
+                    _ = prune.tick() => actor.prune().await,
+                }
+            }
+        });
+    }
+
+    async fn sweep(self: &Arc<Self>, tasks: &TaskTracker) {
+        let agents = self.tunnels.registry().agents();
+        if agents.is_empty() {
+            return;
+        }
+        let not_before = self.clock.now_ms() - self.settings.replay_window.as_millis() as i64;
+        let events = match self.log.events_of_kind(EventKind::ImagePush, not_before, SWEEP_EVENTS).await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read image pushes; will sweep again");
+                return;
+            }
+        };
+        if events.is_empty() {
+            return;
+        }
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        let done: HashSet<(AgentId, i64)> = match self.log.actions_done(&seqs).await {
+            Ok(done) => done.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read cluster action marks; will sweep again");
+                return;
+            }
+        };
+        for event in events.into_iter().filter(|e| e.image.is_some()) {
+            let event = Arc::new(event);
+            for agent in &agents {
+                let pair = (agent.id, event.seq);
+                if done.contains(&pair) || self.in_flight.lock().expect("in-flight lock").contains(&pair) {
+                    continue;
+                }
+                // The access rule, as for Git pushes: nothing about a project the agent may not
+                // see ever reaches its cluster.
+                match self.directory.may_notify(agent, event.project_path.as_str(), event.world_readable).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::debug!(error = %e, agent = agent.id, "cannot check access for an image push; later");
+                        continue;
+                    }
+                }
+                let Ok(permit) = self.permits.clone().acquire_owned().await else { return };
+                self.in_flight.lock().expect("in-flight lock").insert(pair);
+                let actor = self.clone();
+                let (agent, event) = (agent.clone(), event.clone());
+                tasks.spawn(async move {
+                    actor.act_once(&agent, &event).await;
+                    actor.in_flight.lock().expect("in-flight lock").remove(&(agent.id, event.seq));
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    /// Acts for `agent` on `event` unless another replica does or did.
+    async fn act_once(&self, agent: &AgentIdentity, event: &EventNotice) {
+        let key = format!("oci:{}:{}", event.seq, agent.id);
+        match self.once.claim_once(&key, self.settings.action_timeout).await {
+            Ok(OnceClaim::Won) => {}
+            Ok(OnceClaim::Running | OnceClaim::Done) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot claim an OCI action; later");
+                return;
+            }
+        }
+        let Some(outcome) = self.reconcile(agent, event).await else {
+            // A passing failure: the claim expires and a later sweep (here or elsewhere) redoes it.
+            self.metrics.oci_reconcile("retry");
+            return;
+        };
+        self.metrics.oci_reconcile(outcome.result);
+        if outcome.result == "ok" {
+            let waited = (self.clock.now_ms() - event.received_at).max(0) as f64 / 1000.0;
+            self.metrics.registry_push_to_patch_seconds.observe(waited);
+        }
+        tracing::info!(agent = agent.id, seq = event.seq, project = %event.project_path, result = outcome.result, detail = %outcome.detail, "OCI reconcile");
+        let record = ActionRecord {
+            agent: agent.id,
+            seq: event.seq,
+            outcome: outcome.result.into(),
+            detail: outcome.detail,
+            done_at: self.clock.now_ms(),
+        };
+        if let Err(e) = self.log.record_action(&record).await {
+            tracing::warn!(error = %e, "cannot record an OCI action; it may be done again");
+        }
+        if let Err(e) = self.once.finish_once(&key, self.settings.replay_window).await {
+            tracing::debug!(error = %e, "cannot mark an OCI action done in the engine");
+        }
+    }
+
+    /// Lists the agent's OCIRepository objects and patches those the push moved. `None` when
+    /// the cluster could not be reached (try again later).
+    async fn reconcile(&self, agent: &AgentIdentity, event: &EventNotice) -> Option<Outcome> {
+        let image = event.image.as_ref()?;
+        let Some(host) = self.settings.registry_host.as_deref().or(image.host.as_deref()) else {
+            return Some(Outcome::new(
+                "failed",
+                "no registry host: the event names none and KAS_REGISTRY_HOST is unset",
+            ));
+        };
+        let pushed = Pushed { host, repository: &image.repository, tag: image.tag.as_deref() };
+        for version in oci::VERSIONS {
+            let listed = self.tunnels.call(agent.id, Purpose::Oci, KubeRequest::get(&oci::list_path(version))).await;
+            let response = match listed {
+                Ok(r) => r,
+                Err(e) => return settled(e),
+            };
+            match response.status {
+                404 => continue,
+                401 | 403 => {
+                    return Some(Outcome::new(
+                        "forbidden",
+                        format!("listing OCIRepository {version}: {}", response.status),
+                    ));
+                }
+                s if s >= 400 => return Some(Outcome::new("failed", format!("listing OCIRepository {version}: {s}"))),
+                _ => {}
+            }
+            let body = match response.body.collect(self.settings.max_list_bytes).await {
+                Ok(body) => body,
+                Err(e) => return settled(e),
+            };
+            let targets = match oci::matching(&body, pushed) {
+                Ok(t) => t,
+                Err(e) => return Some(Outcome::new("failed", format!("unreadable OCIRepository list: {e}"))),
+            };
+            if targets.is_empty() {
+                return Some(Outcome::new(
+                    "no_match",
+                    format!("no OCIRepository follows oci://{host}/{}", image.repository),
+                ));
+            }
+            return self.patch_all(agent, version, &targets).await;
+        }
+        Some(Outcome::new("no_match", "the cluster serves no OCIRepository API (is Flux installed?)"))
+    }
+
+    async fn patch_all(&self, agent: &AgentIdentity, version: &str, targets: &[OciRepository]) -> Option<Outcome> {
+        let requested_at = crate::clock::rfc3339_ms(self.clock.now_ms());
+        let mut patched = Vec::new();
+        for target in targets {
+            let request = KubeRequest {
+                method: "PATCH".into(),
+                path: target.path(version),
+                headers: vec![("Content-Type".into(), "application/merge-patch+json".into())],
+                body: oci::reconcile_patch(&requested_at),
+                ..Default::default()
+            };
+            let name = format!("{}/{}", target.namespace, target.name);
+            match self.tunnels.call(agent.id, Purpose::Oci, request).await {
+                Ok(r) if r.status < 300 => patched.push(name),
+                Ok(r) if matches!(r.status, 401 | 403) => {
+                    return Some(Outcome::new("forbidden", format!("patching {name}: {}", r.status)));
+                }
+                Ok(r) => return Some(Outcome::new("failed", format!("patching {name}: {}", r.status))),
+                // Patched ones stay patched; the rest is retried (a repeated patch only asks
+                // Flux for one more reconcile).
+                Err(e) => return settled(e),
+            }
+        }
+        Some(Outcome::new("ok", format!("reconcile requested: {}", patched.join(", "))))
+    }
+
+    async fn prune(&self) {
+        let before = self.clock.now_ms() - self.settings.retention.as_millis() as i64;
+        if let Err(e) = self.log.prune_actions(before).await {
+            tracing::warn!(error = %e, "cannot prune cluster action marks");
+        }
+    }
+}
+
+/// A tunnel error as an outcome: final for refusals kas or the agent's configuration decide,
+/// `None` (do it again later) for what passes.
+fn settled(e: TunnelError) -> Option<Outcome> {
+    match e {
+        TunnelError::NotOptedIn { .. } => Some(Outcome::new("not_opted_in", e.to_string())),
+        TunnelError::Refused(_) | TunnelError::RequestTooLarge(_) | TunnelError::ResponseTooLarge(_) => {
+            Some(Outcome::new("failed", e.to_string()))
+        }
+        other => {
+            tracing::info!(error = %other, "OCI reconcile not done now; will try again");
+            None
+        }
+    }
+}
+
+impl LocalDelivery for OciActions {
+    fn deliver(&self, notices: &[EventNotice]) {
+        if notices.iter().any(|n| n.kind == EventKind::ImagePush) {
+            self.wake.notify_one();
+        }
+    }
+}
