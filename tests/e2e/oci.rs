@@ -123,3 +123,203 @@ async fn image_pushes_never_reach_agent_streams() {
     assert_eq!(drain(&mut stream, Duration::from_millis(800)).await, ["team/config"]);
     app.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Through the tunnel: image pushes make Flux reconcile, once, only where allowed.
+
+mod cluster {
+    use std::time::Duration;
+
+    use kas::domain::{ProjectInfo, ProjectPath, RepositoryAccess, Visibility};
+    use serde_json::json;
+
+    use super::{V1, notify, registry_secret};
+    use crate::support::agentk::{Transport, connect};
+    use crate::support::flux::{FluxCluster, Repo, Served};
+    use crate::support::redis as test_redis;
+    use crate::support::tunnel::{Behaviour, TunnelAgent};
+    use crate::support::{TestApp, TestDb, eventually, fixture};
+
+    const SOON: Duration = Duration::from_secs(15);
+    const OPTED_IN: &str = "kas:\n  oci:\n    enabled: true\n";
+    const URL: &str = "oci://registry.example.com/group/app/web";
+
+    fn repos() -> Vec<Repo> {
+        let r = |namespace, name, url: &str, reference| Repo { namespace, name, url: url.into(), reference };
+        vec![
+            r("flux-system", "web", URL, json!({"tag": "v1.4.0"})),
+            r("apps", "web-v2", URL, json!({"tag": "v2.0.0"})),
+            r("apps", "web-pinned", URL, json!({"digest": "sha256:00"})),
+            r("apps", "api", "oci://registry.example.com/group/app/api", json!({"tag": "v1.4.0"})),
+        ]
+    }
+
+    async fn project(app: &TestApp, id: i64, path: &str, visibility: Visibility) {
+        let info = ProjectInfo {
+            id,
+            path: ProjectPath::parse(path).unwrap(),
+            visibility: Some(visibility),
+            repository_access: RepositoryAccess::Everyone,
+        };
+        app.store.set_project(&info, kas::clock::now_ms()).await.unwrap();
+    }
+
+    /// An agent of `config_project` with `config`, and an agentk double with tunnels to `app`
+    /// forwarding to `cluster`.
+    async fn agent(
+        app: &TestApp,
+        name: &str,
+        config_project: &str,
+        config: &str,
+        cluster: &FluxCluster,
+    ) -> (i64, TunnelAgent) {
+        let (record, token) = app.create_agent(name, config_project).await;
+        app.store.set_agent_config(record.id, Some(config)).await.unwrap();
+        (record.id, tunnels(app, &token, cluster).await)
+    }
+
+    async fn tunnels(app: &TestApp, token: &str, cluster: &FluxCluster) -> TunnelAgent {
+        let (channel, _) = connect(app.agent, Transport::Plain).await;
+        TunnelAgent::start(channel, token, cluster.base(), 2, Behaviour::Answer)
+    }
+
+    async fn actions(app: &TestApp) -> Vec<serde_json::Value> {
+        let listed: serde_json::Value = app
+            .client
+            .get(app.url("/agents"))
+            .bearer_auth(&app.admin_secret)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        listed["cluster_actions"].as_array().cloned().unwrap_or_default()
+    }
+
+    fn with_registry_host(s: &mut kas::config::Settings) {
+        s.registry_host = Some("Registry.Example.com".into());
+    }
+
+    /// The owner's cluster gets one reconcile of exactly the object the tag moved; a stranger's
+    /// cluster following the same private image gets nothing; an agent that did not opt in gets
+    /// nothing; redeliveries and later sweeps do not patch again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_registry_push_reconciles_what_it_moved_once_and_only_where_allowed() {
+        let db = TestDb::sqlite();
+        let app = TestApp::spawn(&db, with_registry_host).await;
+        project(&app, 42, "group/app", Visibility::Private).await;
+        let owner_cluster = FluxCluster::start(Served::V1, repos()).await;
+        let stranger_cluster = FluxCluster::start(Served::V1, repos()).await;
+        let shy_cluster = FluxCluster::start(Served::V1, repos()).await;
+        let (owner, _owner_tunnels) = agent(&app, "prod", "group/app", OPTED_IN, &owner_cluster).await;
+        let (stranger, _t2) = agent(&app, "prod", "other/config", OPTED_IN, &stranger_cluster).await;
+        let (shy, _t3) =
+            agent(&app, "shy", "group/app", "observability:\n  logging:\n    level: info\n", &shy_cluster).await;
+        let registry = app.state.tunnels.registry().clone();
+        assert!(eventually(SOON, || async { [owner, stranger, shy].iter().all(|a| registry.holds(*a)) }).await);
+
+        let secret = registry_secret(&app);
+        assert_eq!(notify(&app, &secret, V1, fixture("registry-push-v1.json")).await.status(), 200);
+        assert!(
+            eventually(SOON, || async { !owner_cluster.patches().is_empty() }).await,
+            "the owner's Flux was asked to reconcile"
+        );
+        let patch = &owner_cluster.patches()[0];
+        assert_eq!(patch.path, "/apis/source.toolkit.fluxcd.io/v1/namespaces/flux-system/ocirepositories/web");
+        assert_eq!(patch.content_type, "application/merge-patch+json");
+        let requested = patch.body["metadata"]["annotations"]["reconcile.fluxcd.io/requestedAt"].as_str().unwrap();
+        assert!(requested.ends_with('Z') && requested.len() == 24, "{requested}");
+        assert!(
+            eventually(SOON, || async {
+                let a = actions(&app).await;
+                a.iter().any(|a| a["agent"] == shy && a["outcome"] == "not_opted_in")
+                    && a.iter().any(|a| a["agent"] == owner && a["outcome"] == "ok")
+            })
+            .await,
+            "{:?}",
+            actions(&app).await
+        );
+
+        // The registry's retry, and a sweep later: nothing more.
+        notify(&app, &secret, V1, fixture("registry-push-v1.json")).await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(owner_cluster.patches().len(), 1, "patched once");
+        assert!(stranger_cluster.patches().is_empty(), "a private project's image reached a stranger's cluster");
+        assert!(shy_cluster.patches().is_empty(), "an agent that did not opt in was acted on");
+        assert!(actions(&app).await.iter().all(|a| a["agent"] != stranger));
+        let metrics = app.metrics_text().await;
+        assert!(metrics.contains("kas_oci_reconciles_total{result=\"ok\"} 1"), "{metrics}");
+        assert!(metrics.contains("kas_registry_push_to_patch_seconds_count 1"), "{metrics}");
+        app.stop().await;
+    }
+
+    /// An agent that connects after the push (within the replay window) still gets its
+    /// reconcile, under `v1beta2` where `v1` is not served; a cluster that answers 403 is
+    /// recorded as forbidden and not asked again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn late_agents_old_flux_and_refusing_clusters() {
+        let db = TestDb::sqlite();
+        let app = TestApp::spawn(&db, with_registry_host).await;
+        project(&app, 42, "group/app", Visibility::Public).await;
+        let secret = registry_secret(&app);
+        assert_eq!(notify(&app, &secret, V1, fixture("registry-push-v1.json")).await.status(), 200);
+
+        let old_flux = FluxCluster::start(Served::V1Beta2Only, repos()).await;
+        let refusing = FluxCluster::start(Served::Forbidden, repos()).await;
+        // A public project: any agent that opted in may hear about it.
+        let (late, _t1) = agent(&app, "late", "team/late", OPTED_IN, &old_flux).await;
+        let (locked, t2) = agent(&app, "locked", "team/locked", OPTED_IN, &refusing).await;
+        assert!(eventually(SOON, || async { !old_flux.patches().is_empty() }).await, "the late agent was served");
+        assert_eq!(
+            old_flux.patches()[0].path,
+            "/apis/source.toolkit.fluxcd.io/v1beta2/namespaces/flux-system/ocirepositories/web"
+        );
+        assert!(
+            eventually(SOON, || async {
+                actions(&app).await.iter().any(|a| a["agent"] == locked && a["outcome"] == "forbidden")
+            })
+            .await
+        );
+        let asked = t2.received().len();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(t2.received().len(), asked, "a refusing cluster was asked again");
+        assert_eq!(old_flux.patches().len(), 1);
+        let metrics = app.metrics_text().await;
+        assert!(metrics.contains("kas_oci_reconciles_total{result=\"forbidden\"} 1"), "{metrics}");
+        let _ = late;
+        app.stop().await;
+    }
+
+    /// Two replicas both holding tunnels of the agent: one reconcile, whichever replica took
+    /// the registry's notification.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_with_tunnels_reconcile_once() {
+        let db = TestDb::postgres().await;
+        let prefix = test_redis::prefix();
+        let redis = |s: &mut kas::config::Settings| {
+            with_registry_host(s);
+            s.redis_url = Some(test_redis::SHARED.into());
+            s.redis_prefix = Some(prefix.clone());
+        };
+        let a = TestApp::spawn(&db, redis).await;
+        let b = TestApp::spawn(&db, redis).await;
+        project(&a, 42, "group/app", Visibility::Private).await;
+        let cluster = FluxCluster::start(Served::V1, repos()).await;
+        let (record, token) = a.create_agent("prod", "group/app").await;
+        a.store.set_agent_config(record.id, Some(OPTED_IN)).await.unwrap();
+        let _on_a = tunnels(&a, &token, &cluster).await;
+        let _on_b = tunnels(&b, &token, &cluster).await;
+        let (ra, rb) = (a.state.tunnels.registry().clone(), b.state.tunnels.registry().clone());
+        assert!(eventually(SOON, || async { ra.holds(record.id) && rb.holds(record.id) }).await);
+
+        assert_eq!(notify(&b, &registry_secret(&a), V1, fixture("registry-push-v1.json")).await.status(), 200);
+        assert!(eventually(SOON, || async { !cluster.patches().is_empty() }).await);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(cluster.patches().len(), 1, "both replicas acted");
+        a.stop().await;
+        b.stop().await;
+        test_redis::cleanup(&prefix).await;
+        db.cleanup().await;
+    }
+}

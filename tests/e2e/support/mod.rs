@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod agentk;
 pub mod db;
+pub mod flux;
 pub mod gitlab;
 pub mod kube;
 pub mod process;
