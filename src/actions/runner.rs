@@ -1,15 +1,20 @@
 //! The OCI actor: every replica sees every recorded event; the one that holds a tunnel of an
 //! agent asks that agent's Flux to reconcile the OCIRepository objects an image push moved.
 //!
-//! A sweep reads the image pushes of the replay window from the event log, pairs them with the
-//! agents this replica holds tunnels of, and acts on each pair the access rule allows and the
-//! action log has no mark for. A recorded event wakes the sweep at once; a timer sweeps again,
-//! so an agent that connects later within the window still gets its reconcile, and work that
-//! failed for a passing reason (tunnel lost, cluster slow, a replica killed mid-call) is done
-//! again. A short engine claim per agent and event keeps two replicas that both hold tunnels
-//! of the agent from both acting; the mark in the database keeps it done across restarts.
+//! Three ways an (agent, push) pair gets acted on, all through `act_once`:
+//! - **at once**: a recorded image push is handed to the actor (it is a `LocalDelivery`) and
+//!   paired with the agents this replica holds tunnels of;
+//! - **late agents**: an agent whose tunnel appears here (it connected, or this replica
+//!   restarted) is paired with the image pushes of the replay window the action log has no mark
+//!   for;
+//! - **again**: a pair that failed for a passing reason (tunnel lost, cluster slow) or that
+//!   another replica was acting on is retried every few seconds until it is marked, so a replica
+//!   killed mid-action is made up for by the survivors.
+//! A short engine claim per agent and event keeps two replicas that both hold tunnels of the
+//! agent from both acting; the mark in the database keeps it done across restarts.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,10 +31,13 @@ use crate::metrics::Metrics;
 use crate::store::{ActionLog, ActionRecord};
 use crate::tunnel::{KubeRequest, Purpose, TunnelError, Tunnels};
 
-/// Image pushes read per sweep (the newest are acted on by the next sweep).
-const SWEEP_EVENTS: i64 = 1000;
-/// How often the window is swept when nothing wakes the actor.
+/// Image pushes read per query when pairing a late agent with the replay window.
+const WINDOW_PAGE: i64 = 1000;
+/// How often new agents and pairs to retry are looked at.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Fresh pushes waiting to be paired; beyond this the window is read instead (nothing is lost:
+/// the pushes are in the event log).
+const QUEUE: usize = 10_000;
 /// Actions in flight on this replica at once.
 const CONCURRENCY: usize = 32;
 /// How often old action marks are deleted.
@@ -72,7 +80,15 @@ pub struct OciActions {
     clock: Clock,
     settings: OciSettings,
     wake: Notify,
-    /// (agent, event) pairs being acted on here, so a sweep does not start them twice.
+    /// Fresh image pushes, from `deliver`.
+    fresh: Mutex<Vec<Arc<EventNotice>>>,
+    /// Set when `fresh` overflowed: pair every agent with the whole window next time.
+    overflowed: std::sync::atomic::AtomicBool,
+    /// Pairs to try again (passing failure, or another replica was acting).
+    retry: Mutex<HashMap<(AgentId, i64), Arc<EventNotice>>>,
+    /// Agents paired with the window already (reset when their tunnels leave this replica).
+    known_agents: Mutex<HashSet<AgentId>>,
+    /// (agent, event) pairs being acted on here, so they are not started twice.
     in_flight: Mutex<HashSet<(AgentId, i64)>>,
     permits: Arc<Semaphore>,
 }
@@ -105,12 +121,16 @@ impl OciActions {
             clock: parts.clock,
             settings,
             wake: Notify::new(),
+            fresh: Mutex::default(),
+            overflowed: Default::default(),
+            retry: Mutex::default(),
+            known_agents: Mutex::default(),
             in_flight: Mutex::default(),
             permits: Arc::new(Semaphore::new(CONCURRENCY)),
         })
     }
 
-    /// Sweeps until `stop`, on the server's task tracker.
+    /// Works until `stop`, on the server's task tracker.
     pub fn start(self: &Arc<Self>, stop: CancellationToken, tasks: &TaskTracker) {
         let actor = self.clone();
         let work = tasks.clone();
@@ -120,7 +140,7 @@ impl OciActions {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = actor.wake.notified() => actor.sweep(&work).await,
+                    _ = actor.wake.notified() => actor.pair_fresh(&work).await,
                     _ = tick.tick() => actor.sweep(&work).await,
                     _ = prune.tick() => actor.prune().await,
                 }
@@ -128,75 +148,146 @@ impl OciActions {
         });
     }
 
-    async fn sweep(self: &Arc<Self>, tasks: &TaskTracker) {
+    /// Pairs fresh pushes with the agents this replica holds tunnels of.
+    async fn pair_fresh(self: &Arc<Self>, tasks: &TaskTracker) {
+        let fresh = std::mem::take(&mut *self.fresh.lock().expect("fresh lock"));
         let agents = self.tunnels.registry().agents();
-        if agents.is_empty() {
+        if self.overflowed.swap(false, Ordering::AcqRel) {
+            // Fresh pushes were dropped from the queue: the window has them.
+            self.pair_window(&agents, tasks).await;
             return;
         }
-        let not_before = self.clock.now_ms() - self.settings.replay_window.as_millis() as i64;
-        let events = match self.log.events_of_kind(EventKind::ImagePush, not_before, SWEEP_EVENTS).await {
-            Ok(events) => events,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read image pushes; will sweep again");
-                return;
-            }
-        };
-        if events.is_empty() {
-            return;
-        }
-        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-        let done: HashSet<(AgentId, i64)> = match self.log.actions_done(&seqs).await {
-            Ok(done) => done.into_iter().collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read cluster action marks; will sweep again");
-                return;
-            }
-        };
-        for event in events.into_iter().filter(|e| e.image.is_some()) {
-            let event = Arc::new(event);
+        for event in fresh {
             for agent in &agents {
-                let pair = (agent.id, event.seq);
-                if done.contains(&pair) || self.in_flight.lock().expect("in-flight lock").contains(&pair) {
-                    continue;
-                }
-                // The access rule, as for Git pushes: nothing about a project the agent may not
-                // see ever reaches its cluster.
-                match self.directory.may_notify(agent, event.project_path.as_str(), event.world_readable).await {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(e) => {
-                        tracing::debug!(error = %e, agent = agent.id, "cannot check access for an image push; later");
-                        continue;
-                    }
-                }
-                let Ok(permit) = self.permits.clone().acquire_owned().await else { return };
-                self.in_flight.lock().expect("in-flight lock").insert(pair);
-                let actor = self.clone();
-                let (agent, event) = (agent.clone(), event.clone());
-                tasks.spawn(async move {
-                    actor.act_once(&agent, &event).await;
-                    actor.in_flight.lock().expect("in-flight lock").remove(&(agent.id, event.seq));
-                    drop(permit);
-                });
+                self.consider(agent, &event, tasks).await;
             }
         }
     }
 
+    /// Pairs agents new on this replica with the window, and retries what is due.
+    async fn sweep(self: &Arc<Self>, tasks: &TaskTracker) {
+        let agents = self.tunnels.registry().agents();
+        let new: Vec<AgentIdentity> = {
+            let mut known = self.known_agents.lock().expect("known lock");
+            known.retain(|id| agents.iter().any(|a| a.id == *id));
+            agents.iter().filter(|a| known.insert(a.id)).cloned().collect()
+        };
+        if !new.is_empty() {
+            self.pair_window(&new, tasks).await;
+        }
+        let not_before = self.clock.now_ms() - self.settings.replay_window.as_millis() as i64;
+        let due: Vec<((AgentId, i64), Arc<EventNotice>)> = {
+            let mut retry = self.retry.lock().expect("retry lock");
+            retry.retain(|_, e| e.received_at >= not_before);
+            retry.drain().collect()
+        };
+        for ((agent_id, _), event) in due {
+            if let Some(agent) = agents.iter().find(|a| a.id == agent_id) {
+                self.consider(agent, &event, tasks).await;
+            }
+        }
+    }
+
+    /// Pairs `agents` with every image push of the replay window they have no mark for.
+    async fn pair_window(self: &Arc<Self>, agents: &[AgentIdentity], tasks: &TaskTracker) {
+        if agents.is_empty() {
+            return;
+        }
+        let not_before = self.clock.now_ms() - self.settings.replay_window.as_millis() as i64;
+        let mut after = 0;
+        loop {
+            let page = match self.log.events_of_kind(EventKind::ImagePush, not_before, after, WINDOW_PAGE).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read image pushes; will try again");
+                    self.forget(agents);
+                    return;
+                }
+            };
+            let Some(last) = page.last() else { return };
+            after = last.seq;
+            let seqs: Vec<i64> = page.iter().map(|e| e.seq).collect();
+            let done: HashSet<(AgentId, i64)> = match self.log.actions_done(&seqs).await {
+                Ok(done) => done.into_iter().collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read cluster action marks; will try again");
+                    self.forget(agents);
+                    return;
+                }
+            };
+            let full = page.len() as i64 == WINDOW_PAGE;
+            for event in page {
+                let event = Arc::new(event);
+                for agent in agents.iter().filter(|a| !done.contains(&(a.id, event.seq))) {
+                    self.consider(agent, &event, tasks).await;
+                }
+            }
+            if !full {
+                return;
+            }
+        }
+    }
+
+    /// Makes the next sweep pair these agents with the window again.
+    fn forget(&self, agents: &[AgentIdentity]) {
+        let mut known = self.known_agents.lock().expect("known lock");
+        for a in agents {
+            known.remove(&a.id);
+        }
+    }
+
+    /// Starts acting for `agent` on `event` if the access rule lets it hear about the project.
+    async fn consider(self: &Arc<Self>, agent: &AgentIdentity, event: &Arc<EventNotice>, tasks: &TaskTracker) {
+        let pair = (agent.id, event.seq);
+        if event.image.is_none() || self.in_flight.lock().expect("in-flight lock").contains(&pair) {
+            return;
+        }
+        // The access rule, as for Git pushes: nothing about a project the agent may not see
+        // ever reaches its cluster.
+        let path = event.project_path.as_str();
+        if !self.directory.could_notify(agent, path, event.world_readable) {
+            return;
+        }
+        match self.directory.may_notify(agent, path, event.world_readable).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, agent = agent.id, "cannot check access for an image push; later");
+                self.retry.lock().expect("retry lock").insert(pair, event.clone());
+                return;
+            }
+        }
+        let Ok(permit) = self.permits.clone().acquire_owned().await else { return };
+        self.in_flight.lock().expect("in-flight lock").insert(pair);
+        let actor = self.clone();
+        let (agent, event) = (agent.clone(), event.clone());
+        tasks.spawn(async move {
+            if !actor.act_once(&agent, &event).await {
+                actor.retry.lock().expect("retry lock").insert((agent.id, event.seq), event.clone());
+            }
+            actor.in_flight.lock().expect("in-flight lock").remove(&(agent.id, event.seq));
+            drop(permit);
+        });
+    }
+
     /// Acts for `agent` on `event` unless another replica does or did.
-    async fn act_once(&self, agent: &AgentIdentity, event: &EventNotice) {
+    /// Acts for `agent` on `event` unless another replica does or did; false when it should be
+    /// tried again (a passing failure, or another replica's claim that may yet expire).
+    async fn act_once(&self, agent: &AgentIdentity, event: &EventNotice) -> bool {
         let key = format!("oci:{}:{}", event.seq, agent.id);
         match self.once.claim_once(&key, self.settings.action_timeout).await {
             Ok(OnceClaim::Won) => {}
-            Ok(OnceClaim::Running | OnceClaim::Done) => return,
+            Ok(OnceClaim::Done) => return true,
+            Ok(OnceClaim::Running) => return false,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot claim an OCI action; later");
-                return;
+                return false;
             }
         }
         let Some(outcome) = self.reconcile(agent, event).await else {
             // A passing failure: the claim expires and a later sweep (here or elsewhere) redoes it.
             self.metrics.oci_reconcile("retry");
-            return;
+            return false;
         };
         self.metrics.oci_reconcile(outcome.result);
         if outcome.result == "ok" {
@@ -217,6 +308,7 @@ impl OciActions {
         if let Err(e) = self.once.finish_once(&key, self.settings.replay_window).await {
             tracing::debug!(error = %e, "cannot mark an OCI action done in the engine");
         }
+        true
     }
 
     /// Lists the agent's OCIRepository objects and patches those the push moved. `None` when
@@ -317,8 +409,19 @@ fn settled(e: TunnelError) -> Option<Outcome> {
 
 impl LocalDelivery for OciActions {
     fn deliver(&self, notices: &[EventNotice]) {
-        if notices.iter().any(|n| n.kind == EventKind::ImagePush) {
-            self.wake.notify_one();
+        let images: Vec<Arc<EventNotice>> =
+            notices.iter().filter(|n| n.kind == EventKind::ImagePush).map(|n| Arc::new(n.clone())).collect();
+        if images.is_empty() {
+            return;
         }
+        {
+            let mut fresh = self.fresh.lock().expect("fresh lock");
+            if fresh.len() + images.len() > QUEUE {
+                self.overflowed.store(true, Ordering::Release);
+            } else {
+                fresh.extend(images);
+            }
+        }
+        self.wake.notify_one();
     }
 }

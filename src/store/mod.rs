@@ -234,11 +234,13 @@ pub struct ActionRecord {
 /// happen once per agent and event, also across replicas and restarts.
 #[async_trait]
 pub trait ActionLog: Send + Sync + 'static {
-    /// Events of `kind` received at or after `not_before`, in sequence order, at most `limit`.
+    /// Events of `kind` after sequence number `after_seq`, received at or after `not_before`, in
+    /// sequence order, at most `limit`.
     async fn events_of_kind(
         &self,
         kind: EventKind,
         not_before: i64,
+        after_seq: i64,
         limit: i64,
     ) -> Result<Vec<EventNotice>, StoreError>;
     /// The (agent, event) pairs already acted on among these events.

@@ -322,4 +322,30 @@ mod cluster {
         test_redis::cleanup(&prefix).await;
         db.cleanup().await;
     }
+
+    /// A push taken before a restart, whose agent connects only afterwards, is still acted on:
+    /// the event log, not memory, says what is owed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_push_survives_a_restart_until_its_agent_connects() {
+        let db = TestDb::sqlite();
+        let app = TestApp::spawn(&db, with_registry_host).await;
+        project(&app, 42, "group/app", Visibility::Private).await;
+        let (record, token) = app.create_agent("prod", "group/app").await;
+        app.store.set_agent_config(record.id, Some(OPTED_IN)).await.unwrap();
+        assert_eq!(notify(&app, &registry_secret(&app), V1, fixture("registry-push-v1.json")).await.status(), 200);
+        app.stop().await;
+
+        let app = TestApp::spawn(&db, with_registry_host).await;
+        let cluster = FluxCluster::start(Served::V1, repos()).await;
+        let _tunnels = tunnels(&app, &token, &cluster).await;
+        assert!(
+            eventually(SOON, || async { !cluster.patches().is_empty() }).await,
+            "the push was owed after the restart"
+        );
+        assert_eq!(
+            cluster.patches()[0].path,
+            "/apis/source.toolkit.fluxcd.io/v1/namespaces/flux-system/ocirepositories/web"
+        );
+        app.stop().await;
+    }
 }

@@ -22,12 +22,19 @@ where
         &self,
         kind: EventKind,
         not_before: i64,
+        after_seq: i64,
         limit: i64,
     ) -> Result<Vec<EventNotice>, StoreError> {
-        let sql =
-            AssertSqlSafe(format!("{NOTICE_FROM} WHERE e.kind = $1 AND e.received_at >= $2 ORDER BY e.seq LIMIT $3"));
-        let rows: Vec<NoticeRow> =
-            sqlx::query_as(sql).bind(kind.as_str()).bind(not_before).bind(limit).fetch_all(&self.pool).await?;
+        let sql = AssertSqlSafe(format!(
+            "{NOTICE_FROM} WHERE e.kind = $1 AND e.received_at >= $2 AND e.seq > $3 ORDER BY e.seq LIMIT $4"
+        ));
+        let rows: Vec<NoticeRow> = sqlx::query_as(sql)
+            .bind(kind.as_str())
+            .bind(not_before)
+            .bind(after_seq)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(EventNotice::try_from).collect()
     }
 
