@@ -10,6 +10,7 @@
 //! - **again**: a pair that failed for a passing reason (tunnel lost, cluster slow) or that
 //!   another replica was acting on is retried every few seconds until it is marked, so a replica
 //!   killed mid-action is made up for by the survivors.
+//!
 //! A short engine claim per agent and event keeps two replicas that both hold tunnels of the
 //! agent from both acting; the mark in the database keeps it done across restarts.
 
