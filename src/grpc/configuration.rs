@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::OpenGauge;
-use crate::agentcfg::source::{ConfigSnapshot, ConfigSourceError};
+use crate::agentcfg::source::ConfigSnapshot;
 use crate::agentcfg::{self, AgentConfigFile, LogLevel};
 use crate::app::App;
 use crate::engine::AgentMetaRecord;
@@ -84,7 +84,7 @@ async fn serve(
     let credential = match app.hub.watch_credential(&agent) {
         Ok(c) => c,
         Err(e) => {
-            let _ = tx.send(Err(super::too_many(e))).await;
+            let _ = tx.send(Err(Status::from(e))).await;
             return;
         }
     };
@@ -97,7 +97,7 @@ async fn serve(
             )
             .await
     {
-        let _ = tx.send(Err(super::too_many_pods(e))).await;
+        let _ = tx.send(Err(Status::from(e))).await;
         return;
     }
     let mut refresh =
@@ -107,12 +107,7 @@ async fn serve(
         let snapshot = match app.config_watch.source().load(&agent).await {
             Ok(s) => s,
             Err(e) => {
-                let status = match e {
-                    ConfigSourceError::NotFound(m) => Status::not_found(m),
-                    ConfigSourceError::Unavailable(m) => Status::unavailable(m),
-                    ConfigSourceError::Invalid(m) => Status::failed_precondition(m),
-                };
-                let _ = tx.send(Err(status)).await;
+                let _ = tx.send(Err(Status::from(e))).await;
                 break;
             }
         };
@@ -137,7 +132,7 @@ async fn serve(
                 changed = subscription.changes.changed() => break changed.is_ok(),
                 _ = closing.cancelled() => break false,
                 end = credential.revoked.ended() => {
-                    let _ = tx.send(Err(super::stream_end_status(end))).await;
+                    let _ = tx.send(Err(Status::from(end))).await;
                     break false;
                 }
                 _ = tx.closed() => break false,

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::agentcfg::source::ConfigSourceError;
 use crate::app::App;
 use crate::domain::ProjectPath;
 use crate::proto::configuration_project::rpc::configuration_project_server::ConfigurationProject;
@@ -38,11 +37,7 @@ impl ConfigurationProject for ConfigurationProjectService {
             request.into_inner().repository.ok_or_else(|| Status::invalid_argument("repository is required"))?;
         let project = ProjectPath::parse(&repository.gl_project_path)
             .map_err(|e| Status::invalid_argument(format!("repository.gl_project_path: {e}")))?;
-        let names = self.app.config_watch.source().config_files(&project).await.map_err(|e| match e {
-            ConfigSourceError::NotFound(m) => Status::not_found(m),
-            ConfigSourceError::Unavailable(m) => Status::unavailable(m),
-            ConfigSourceError::Invalid(m) => Status::failed_precondition(m),
-        })?;
+        let names = self.app.config_watch.source().config_files(&project).await?;
         let config_files = names
             .into_iter()
             .map(|n| AgentConfigFile {

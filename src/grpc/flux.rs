@@ -83,7 +83,7 @@ impl GitLabFlux for FluxService {
             validate(request.get_ref(), app.config.max_projects_per_stream, app.config.max_reconcile_request)?;
         let closing = super::closing(app, request.extensions());
         tracing::info!(agent = agent.id, name = %agent.name, projects = projects.len(), "ReconcileProjects stream opened");
-        let stream = app.hub.open(agent, projects, closing).await.map_err(super::too_many)?;
+        let stream = app.hub.open(agent, projects, closing).await.map_err(Status::from)?;
         let gauge = OpenGauge::new(app.metrics.streams("reconcile_projects"));
         Ok(Response::new(Box::pin(futures::stream::unfold((stream, gauge), next_response))))
     }
@@ -99,7 +99,7 @@ async fn next_response(
         }
         Some(Err(end)) => {
             tracing::info!(agent = stream.agent().id, reason = ?end, "ReconcileProjects stream closed");
-            Some((Err(super::stream_end_status(end)), (stream, gauge)))
+            Some((Err(Status::from(end)), (stream, gauge)))
         }
         None => {
             tracing::debug!(agent = stream.agent().id, "ReconcileProjects stream ended");

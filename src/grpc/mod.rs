@@ -8,6 +8,7 @@ mod flux;
 mod notifications;
 mod registrar;
 pub mod server_info;
+mod status;
 mod tracker;
 mod tunnel;
 
@@ -20,7 +21,7 @@ use tonic::service::Routes;
 
 use crate::app::App;
 use crate::domain::AgentToken;
-use crate::identity::{AgentIdentity, IdentityError};
+use crate::identity::AgentIdentity;
 use crate::proto::agent_configuration::rpc::agent_configuration_server::AgentConfigurationServer;
 use crate::proto::agent_registrar::rpc::agent_registrar_server::AgentRegistrarServer;
 use crate::proto::agent_tracker::rpc::agent_tracker_server::AgentTrackerServer;
@@ -65,17 +66,6 @@ pub fn agent_routes(app: Arc<App>) -> axum::Router {
         .add_service(access)
         .prepare()
         .into_axum_router()
-}
-
-impl From<IdentityError> for Status {
-    fn from(e: IdentityError) -> Self {
-        match e {
-            IdentityError::Unauthenticated => Status::unauthenticated(e.to_string()),
-            IdentityError::PermissionDenied(m) => Status::permission_denied(m),
-            IdentityError::NotFound(m) => Status::not_found(m),
-            IdentityError::Unavailable(m) => Status::unavailable(m),
-        }
-    }
 }
 
 /// Authenticates the agent token in `authorization: Bearer …`, before anything is sent. The
@@ -174,28 +164,6 @@ pub(crate) fn closing(app: &App, extensions: &http::Extensions) -> tokio_util::s
         .get::<crate::listener::ConnectionInfo>()
         .map(|c| c.closing.clone())
         .unwrap_or_else(|| app.shutdown.child_token())
-}
-
-/// An agent over its stream limit.
-pub(crate) fn too_many(e: crate::delivery::TooManyStreams) -> Status {
-    tracing::warn!(agent = e.agent, limit = e.limit, "refusing a stream: the agent holds as many as it may");
-    Status::resource_exhausted(e.to_string())
-}
-
-/// An agent over its pod registration limit.
-pub(crate) fn too_many_pods(e: crate::engine::TooManyPods) -> Status {
-    tracing::warn!(agent = e.agent, limit = e.limit, "refusing a pod registration: the agent has as many as it may");
-    Status::resource_exhausted(e.to_string())
-}
-
-/// The status a long stream ends with when delivery ends it.
-pub(crate) fn stream_end_status(end: crate::delivery::StreamEnd) -> Status {
-    match end {
-        crate::delivery::StreamEnd::Revoked => Status::unauthenticated("agent token revoked"),
-        crate::delivery::StreamEnd::Unverified => {
-            Status::unavailable("agent token could not be re-checked for too long; reconnect")
-        }
-    }
 }
 
 /// The request checks the handlers run, public for the fuzz targets (`fuzz/`).

@@ -7,7 +7,6 @@ use tonic::{Request, Response, Status};
 use crate::app::App;
 use crate::domain::{EventKind, ProjectPath, PushEvent};
 use crate::domain::{EventSource, RecordOutcome};
-use crate::intake::IntakeError;
 use crate::proto::notifications::rpc::notifications_server::Notifications;
 use crate::proto::notifications::rpc::{GitPushEventRequest, GitPushEventResponse};
 
@@ -72,13 +71,9 @@ impl Notifications for NotificationsService {
                 app.metrics.git_push_event("duplicate");
                 Ok(Response::new(GitPushEventResponse {}))
             }
-            Err(IntakeError::KeyTooLong) => {
-                app.metrics.git_push_event("invalid");
-                Err(Status::invalid_argument(IntakeError::KeyTooLong.to_string()))
-            }
             Err(e) => {
-                app.metrics.git_push_event("unavailable");
-                Err(Status::unavailable(format!("cannot record the push now: {e}")))
+                app.metrics.git_push_event(super::status::intake_label(&e));
+                Err(e.into())
             }
         }
     }

@@ -40,7 +40,7 @@ impl AgentRegistrar for RegistrarService {
         let meta = meta_record(&raw, app.config.max_agent_meta)?;
         let pod_name = meta.pod_name.clone();
         let pod = pod_record(app, &agent, request.pod_id, meta);
-        app.engine.register_pod(pod, app.config.max_pods_per_agent).await.map_err(super::too_many_pods)?;
+        app.engine.register_pod(pod, app.config.max_pods_per_agent).await?;
         tracing::debug!(agent = agent.id, pod = request.pod_id, %pod_name, "agent pod registered");
         Ok(Response::new(RegisterResponse {}))
     }

@@ -44,9 +44,8 @@ impl TrackerService {
         if ids.len() > MAX_AGENT_IDS {
             return Err(Status::invalid_argument(format!("at most {MAX_AGENT_IDS} agent_ids per call")));
         }
-        let lists = futures::future::try_join_all(ids.into_iter().map(|id| self.app.engine.pods(PodFilter::Agent(id))))
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let lists =
+            futures::future::try_join_all(ids.into_iter().map(|id| self.app.engine.pods(PodFilter::Agent(id)))).await?;
         let agents = lists.into_iter().flatten().map(connected_agent).collect();
         Ok(Response::new(GetConnectedAgentsByAgentIDsResponse { agents }))
     }
@@ -94,7 +93,7 @@ impl AgentTracker for TrackerService {
             Some(By::AgentId(id)) => PodFilter::Agent(id),
             None => return Err(Status::invalid_argument("project_id or agent_id is required")),
         };
-        let pods = self.app.engine.pods(filter).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let pods = self.app.engine.pods(filter).await?;
         let agents = pods.into_iter().map(connected_agent).collect();
         Ok(Response::new(GetConnectedAgentsResponse { agents }))
     }

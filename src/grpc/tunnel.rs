@@ -59,7 +59,7 @@ impl ReverseTunnel for TunnelService {
             Some(_) => return Err(Status::invalid_argument("the first message must be the agent descriptor")),
             None => return Ok(Response::new(Box::pin(futures::stream::empty()))),
         };
-        let credential = app.hub.watch_credential(&agent).map_err(super::too_many)?;
+        let credential = app.hub.watch_credential(&agent).map_err(Status::from)?;
         let gauge = OpenGauge::new(app.metrics.streams("reverse_tunnel"));
         tracing::debug!(agent = agent.id, methods = served.methods.len(), "reverse tunnel idle");
         let (registration, claims) = app.tunnels.registry().add(&agent, served);
@@ -68,7 +68,7 @@ impl ReverseTunnel for TunnelService {
             let revoked = credential.revoked.clone();
             let end = tokio::select! {
                 _ = closing.cancelled() => IdleEnd::Ended(None),
-                end = revoked.ended() => IdleEnd::Ended(Some(super::stream_end_status(end))),
+                end = revoked.ended() => IdleEnd::Ended(Some(Status::from(end))),
                 _ = tx.closed() => IdleEnd::Ended(None),
                 // agentk sends nothing while idle: anything, or its end, ends the tunnel.
                 message = inbound.message() => IdleEnd::Ended(match message {

@@ -5,16 +5,15 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
+use super::error::HttpError;
 use crate::app::App;
 use crate::domain::AgentId;
-use crate::tunnel::{KubeRequest, Purpose, TunnelError};
+use crate::tunnel::{KubeRequest, Purpose};
 
 /// Marks an answer that came from the cluster (its status is the cluster's).
 pub const CLUSTER_STATUS: &str = "kas-cluster-status";
@@ -37,7 +36,7 @@ pub async fn get(State(app): State<Arc<App>>, headers: HeaderMap, Query(q): Quer
     }
     let agent = match resolve(&app, &q.agent).await {
         Ok(id) => id,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     tracing::info!(agent, path = %q.path.split('?').next().unwrap_or_default(), "operator reads the cluster (kas cluster get)");
     match app.tunnels.call(agent, Purpose::ClusterRead, KubeRequest::get(&q.path)).await {
@@ -58,42 +57,22 @@ pub async fn get(State(app): State<Arc<App>>, headers: HeaderMap, Query(q): Quer
                     .header(CLUSTER_STATUS, answer.status)
                     .body(Body::from(body))
                     .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
-                Err(e) => refusal(status_of(&e), e.to_string()),
+                Err(e) => HttpError::from(e).into_response(),
             }
         }
-        Err(e) => refusal(status_of(&e), e.to_string()),
-    }
-}
-
-fn refusal(status: StatusCode, message: String) -> Response {
-    (status, Json(json!({ "error": message }))).into_response()
-}
-
-/// The HTTP status of a call that got no answer from the cluster.
-fn status_of(e: &TunnelError) -> StatusCode {
-    match e {
-        TunnelError::NotOptedIn { .. } => StatusCode::FORBIDDEN,
-        TunnelError::Refused(_) => StatusCode::BAD_REQUEST,
-        TunnelError::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        TunnelError::NoTunnel { .. } | TunnelError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        TunnelError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        TunnelError::ResponseTooLarge(_)
-        | TunnelError::Lost(_)
-        | TunnelError::Agent { .. }
-        | TunnelError::Protocol(_)
-        | TunnelError::Config(_) => StatusCode::BAD_GATEWAY,
+        Err(e) => HttpError::from(e).into_response(),
     }
 }
 
 /// The agent an operator named: an id as given, a name when exactly one agent has it (among
 /// those with tunnels anywhere, then kas's registry).
-async fn resolve(app: &App, named: &str) -> Result<AgentId, Response> {
+async fn resolve(app: &App, named: &str) -> Result<AgentId, HttpError> {
     if let Ok(id) = named.parse::<AgentId>() {
         return Ok(id);
     }
     let mut ids: Vec<AgentId> = match app.engine.tunnels().await {
         Ok(t) => t.into_iter().filter(|t| t.agent_name == named).map(|t| t.agent_id).collect(),
-        Err(e) => return Err(refusal(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Err(e) => return Err(e.into()),
     };
     if ids.is_empty()
         && let Ok(name) = crate::domain::AgentName::parse(named)
@@ -105,11 +84,7 @@ async fn resolve(app: &App, named: &str) -> Result<AgentId, Response> {
     ids.dedup();
     match ids[..] {
         [id] => Ok(id),
-        [] => {
-            Err(refusal(StatusCode::NOT_FOUND, format!("no agent named {named:?} is known or connected; give its id")))
-        }
-        _ => {
-            Err(refusal(StatusCode::CONFLICT, format!("several agents are named {named:?} (ids {ids:?}): give the id")))
-        }
+        [] => Err(HttpError::not_found(format!("no agent named {named:?} is known or connected; give its id"))),
+        _ => Err(HttpError::conflict(format!("several agents are named {named:?} (ids {ids:?}): give the id"))),
     }
 }

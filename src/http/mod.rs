@@ -2,6 +2,7 @@
 //! knows HTTP status codes.
 
 mod cluster;
+pub mod error;
 mod registry;
 mod webhook;
 
@@ -82,6 +83,24 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 /// The 401 for a request without the admin secret as its bearer token; `None` when it has it.
+/// A request body, refused past `limit` bytes (declared or sent) without reading more.
+async fn read_body(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<bytes::Bytes, error::HttpError> {
+    use http_body_util::{BodyExt, Limited};
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(error::HttpError::too_large(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error::HttpError::too_large(limit)),
+        Err(e) => Err(error::HttpError::bad_request(format!("cannot read body: {e}"))),
+    }
+}
+
 fn refuse_non_admin(app: &App, headers: &axum::http::HeaderMap) -> Option<Response> {
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -93,10 +112,7 @@ fn refuse_non_admin(app: &App, headers: &axum::http::HeaderMap) -> Option<Respon
         return None;
     }
     app.metrics.auth_failure("admin");
-    Some(
-        (StatusCode::UNAUTHORIZED, Json(json!({"error": "Authorization: Bearer <admin secret> required"})))
-            .into_response(),
-    )
+    Some(error::HttpError::unauthorized("Authorization: Bearer <admin secret> required").into_response())
 }
 
 /// `GET /agents`: open agent streams on every replica. Guarded by the admin secret as a bearer
@@ -115,13 +131,16 @@ async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> 
     // What kas last did in clusters (OCI reconciles), newest first.
     let actions = match app.store.recent_actions(200).await {
         Ok(actions) => actions,
-        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list cluster actions");
+            return error::HttpError::from(e).into_response();
+        }
     };
     match listed.await {
         Ok((connections, pods, tunnels)) => {
             Json(json!({ "connections": connections, "pods": pods, "tunnels": tunnels, "cluster_actions": actions }))
                 .into_response()
         }
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
+        Err(e) => error::HttpError::from(e).into_response(),
     }
 }

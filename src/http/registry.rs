@@ -11,9 +11,9 @@ use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 
+use super::error::HttpError;
 use crate::app::App;
 use crate::domain::{EventKind, ImagePush, ImageRef, ProjectPath, PushEvent, RecordOutcome};
 use crate::intake::registry::{self, RegistryEvent};
@@ -28,51 +28,34 @@ const MEDIA_TYPES: [&str; 3] = [
 /// Handles one notification envelope; every outcome is counted under
 /// `kas_registry_events_total{result}`.
 pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response {
+    match handle(&app, request).await {
+        Ok(answer) => answer,
+        Err(refused) => {
+            app.metrics.registry_event(refused.label());
+            refused.into_response()
+        }
+    }
+}
+
+async fn handle(app: &App, request: Request) -> Result<Response, HttpError> {
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
-    if !authorized(&app, headers) {
-        app.metrics.registry_event("unauthorized");
+    if !authorized(app, headers) {
         app.metrics.auth_failure("registry");
         tracing::warn!("registry notification with a missing or wrong Authorization");
-        return reply(StatusCode::UNAUTHORIZED, json!({"error": "missing or invalid Authorization"}));
+        return Err(HttpError::unauthorized("missing or invalid Authorization"));
     }
     if let Some(media) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
         let essence = media.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         if !MEDIA_TYPES.contains(&essence.as_str()) {
-            app.metrics.registry_event("bad_request");
-            return reply(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                json!({"error": format!("expected {}", MEDIA_TYPES.join(" or "))}),
-            );
+            return Err(HttpError::unsupported_media_type(format!("expected {}", MEDIA_TYPES.join(" or "))));
         }
     }
-    let limit = app.config.webhook_body_limit;
-    let too_large =
-        || reply(StatusCode::PAYLOAD_TOO_LARGE, json!({"error": format!("body larger than {limit} bytes")}));
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        app.metrics.registry_event("too_large");
-        return too_large();
-    }
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            app.metrics.registry_event("too_large");
-            return too_large();
-        }
-        Err(e) => {
-            app.metrics.registry_event("bad_request");
-            return reply(StatusCode::BAD_REQUEST, json!({"error": format!("cannot read body: {e}")}));
-        }
-    };
-    let events = match registry::parse(&body) {
-        Ok(events) => events,
-        Err(e) => {
-            app.metrics.registry_event("bad_request");
-            tracing::info!(error = %e, "registry notification refused");
-            return reply(StatusCode::BAD_REQUEST, json!({"error": e.to_string()}));
-        }
-    };
+    let body = super::read_body(headers, body, app.config.webhook_body_limit).await?;
+    let events = registry::parse(&body).map_err(|e| {
+        tracing::info!(error = %e, "registry notification refused");
+        HttpError::bad_request(e.to_string())
+    })?;
     let (mut accepted, mut duplicates, mut ignored, mut unknown) = (0u64, 0u64, 0u64, 0u64);
     for event in events {
         let push = match event {
@@ -84,9 +67,9 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
                 continue;
             }
         };
-        let (id, project) = match project_of(&app, &push).await {
-            Ok(Some(found)) => found,
-            Ok(None) => {
+        let (id, project) = match project_of(app, &push).await.map_err(unavailable)? {
+            Some(found) => found,
+            None => {
                 // Recorded all the same (the log shows what the registry said), under the
                 // repository path and no project id: no agent's access rule matches it unless
                 // it is an agent's own configuration project.
@@ -95,27 +78,26 @@ pub async fn receive(State(app): State<Arc<App>>, request: Request) -> Response 
                 unknown += 1;
                 (0, push.repository.clone())
             }
-            Err(e) => return unavailable(&app, &e),
         };
         let event_id = push.event_id.clone();
         let (event, image) = recordable(push, id, project);
-        match app.intake.record_image(event, image, &event_id).await {
-            Ok(RecordOutcome::Recorded(notice)) => {
+        match app.intake.record_image(event, image, &event_id).await.map_err(unavailable)? {
+            RecordOutcome::Recorded(notice) => {
                 app.metrics.registry_event("accepted");
                 tracing::debug!(seq = notice.seq, project = %notice.project_path, "registry push recorded");
                 accepted += 1;
             }
-            Ok(RecordOutcome::Duplicate) => {
+            RecordOutcome::Duplicate => {
                 app.metrics.registry_event("duplicate");
                 duplicates += 1;
             }
-            Err(e) => return unavailable(&app, &e),
         }
     }
-    reply(
+    Ok((
         StatusCode::OK,
-        json!({"accepted": accepted, "duplicates": duplicates, "ignored": ignored, "unknown_project": unknown}),
+        Json(json!({"accepted": accepted, "duplicates": duplicates, "ignored": ignored, "unknown_project": unknown})),
     )
+        .into_response())
 }
 
 /// `Authorization: <secret>` as the registry's endpoint config sends it, or `Bearer <secret>`.
@@ -154,13 +136,8 @@ fn recordable(push: ImagePush, project_id: i64, project_path: ProjectPath) -> (P
     (event, image)
 }
 
-fn unavailable(app: &App, e: &dyn std::fmt::Display) -> Response {
-    app.metrics.registry_event("unavailable");
-    // The registry retries; the reason (database errors) goes to the log only.
+/// The registry retries; the reason (database errors) goes to the log only.
+fn unavailable(e: impl std::fmt::Display) -> HttpError {
     tracing::warn!(error = %e, "cannot record a registry notification");
-    reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "cannot record the notification now; retry"}))
-}
-
-fn reply(status: StatusCode, body: serde_json::Value) -> Response {
-    (status, Json(body)).into_response()
+    HttpError::unavailable("cannot record the notification now; retry")
 }

@@ -38,7 +38,7 @@ const MAX_KEY_LEN: usize = 256;
 pub enum IntakeError {
     /// The event log could not be written; the sender should retry.
     #[error("event log unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Arc<crate::store::StoreError>),
     /// Recording took longer than the caller can wait; a retry is de-duplicated.
     #[error("recording timed out")]
     Timeout,
@@ -188,7 +188,7 @@ async fn write_batches(
             }
             Err(e) => {
                 tracing::error!(error = %e, pushes = pushes.len(), "cannot record pushes; senders will retry");
-                let reason = e.to_string();
+                let reason = Arc::new(e);
                 for reply in replies {
                     let _ = reply.send(Err(IntakeError::Unavailable(reason.clone())));
                 }
