@@ -176,6 +176,7 @@ pub async fn serve_with_state(
         OciParts {
             tunnels: tunnels.clone(),
             log: store.clone(),
+            configs: config_watch.source().clone(),
             directory: directory.clone(),
             once: engine.clone(),
             metrics: metrics.clone(),

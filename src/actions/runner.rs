@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::oci::{self, OciRepository, Pushed};
+use crate::agentcfg::AgentConfigFile;
+use crate::agentcfg::source::ConfigSource;
 use crate::clock::Clock;
 use crate::domain::{AgentId, EventKind, EventNotice};
 use crate::engine::{LocalDelivery, OnceActions, OnceClaim};
@@ -41,6 +43,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const QUEUE: usize = 10_000;
 /// Actions in flight on this replica at once.
 const CONCURRENCY: usize = 32;
+/// How long an agent's `kas.oci.enabled` is trusted before its configuration is read again
+/// (in GitLab mode each read is a GitLab API call).
+const OPT_IN_TTL: Duration = Duration::from_secs(30);
 /// How often old action marks are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
@@ -75,6 +80,7 @@ impl Outcome {
 pub struct OciActions {
     tunnels: Arc<Tunnels>,
     log: Arc<dyn ActionLog>,
+    configs: Arc<dyn ConfigSource>,
     directory: Arc<dyn AgentDirectory>,
     once: Arc<dyn OnceActions>,
     metrics: Arc<Metrics>,
@@ -85,6 +91,8 @@ pub struct OciActions {
     fresh: Mutex<Vec<Arc<EventNotice>>>,
     /// Set when `fresh` overflowed: pair every agent with the whole window next time.
     overflowed: std::sync::atomic::AtomicBool,
+    /// Whether each agent opted in, and when that was read.
+    opted_in: Mutex<HashMap<AgentId, (bool, tokio::time::Instant)>>,
     /// Pairs to try again (passing failure, or another replica was acting).
     retry: Mutex<HashMap<(AgentId, i64), Arc<EventNotice>>>,
     /// Agents paired with the window already (reset when their tunnels leave this replica).
@@ -100,6 +108,8 @@ pub struct OciParts {
     pub tunnels: Arc<Tunnels>,
     /// Image pushes and the marks of what was done.
     pub log: Arc<dyn ActionLog>,
+    /// Agents' configuration files (the `kas:` section).
+    pub configs: Arc<dyn ConfigSource>,
     /// The access rule.
     pub directory: Arc<dyn AgentDirectory>,
     /// Claims across replicas.
@@ -116,6 +126,7 @@ impl OciActions {
         Arc::new(Self {
             tunnels: parts.tunnels,
             log: parts.log,
+            configs: parts.configs,
             directory: parts.directory,
             once: parts.once,
             metrics: parts.metrics,
@@ -124,6 +135,7 @@ impl OciActions {
             wake: Notify::new(),
             fresh: Mutex::default(),
             overflowed: Default::default(),
+            opted_in: Mutex::default(),
             retry: Mutex::default(),
             known_agents: Mutex::default(),
             in_flight: Mutex::default(),
@@ -258,6 +270,11 @@ impl OciActions {
                 return;
             }
         }
+        // Agents that did not opt in are left alone without a mark: a file that turns the switch
+        // on later serves the pushes still in the window.
+        if !self.opted_in(agent).await {
+            return;
+        }
         let Ok(permit) = self.permits.clone().acquire_owned().await else { return };
         self.in_flight.lock().expect("in-flight lock").insert(pair);
         let actor = self.clone();
@@ -272,6 +289,28 @@ impl OciActions {
     }
 
     /// Acts for `agent` on `event` unless another replica does or did.
+    /// Whether the agent's configuration file sets `kas.oci.enabled`, read at most every
+    /// [`OPT_IN_TTL`]; unreadable counts as off (the next read may say otherwise).
+    async fn opted_in(&self, agent: &AgentIdentity) -> bool {
+        let now = tokio::time::Instant::now();
+        if let Some((enabled, at)) = self.opted_in.lock().expect("opt-in lock").get(&agent.id)
+            && now.duration_since(*at) < OPT_IN_TTL
+        {
+            return *enabled;
+        }
+        let enabled = match self.configs.load(agent).await {
+            Ok(snapshot) => AgentConfigFile::parse(&snapshot.text).is_ok_and(|f| f.kas_section().oci.enabled),
+            Err(e) => {
+                tracing::debug!(error = %e, agent = agent.id, "cannot read the agent's configuration; OCI off for now");
+                false
+            }
+        };
+        let mut cache = self.opted_in.lock().expect("opt-in lock");
+        cache.retain(|_, (_, at)| now.duration_since(*at) < OPT_IN_TTL);
+        cache.insert(agent.id, (enabled, now));
+        enabled
+    }
+
     /// Acts for `agent` on `event` unless another replica does or did; false when it should be
     /// tried again (a passing failure, or another replica's claim that may yet expire).
     async fn act_once(&self, agent: &AgentIdentity, event: &EventNotice) -> bool {

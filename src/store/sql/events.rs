@@ -89,20 +89,6 @@ where
             let rows: Vec<ProjectRow> = q.build_query_as().fetch_all(&mut *tx).await?;
             registry.extend(rows.into_iter().map(|row| (row.id, row)));
         }
-        let image_projects: Vec<i64> = events
-            .iter()
-            .filter(|e| e.event.kind == EventKind::ImagePush && !registry.contains_key(&e.event.project_id))
-            .map(|e| e.event.project_id)
-            .collect();
-        if !image_projects.is_empty() {
-            // An image push's project as the registry knows it, read in the same transaction.
-            let mut q =
-                QueryBuilder::<DB>::new("SELECT id, full_path, visibility, repository_access FROM projects WHERE id");
-            push_in_list(&mut q, image_projects);
-            let rows: Vec<ProjectRow> = q.build_query_as().fetch_all(&mut *tx).await?;
-            registry.extend(rows.into_iter().map(|row| (row.id, row)));
-        }
-
         let mut q = QueryBuilder::<DB>::new(
             "INSERT INTO push_events (idempotency_key, project_id, project_path, kind, git_ref, before_sha, \
              after_sha, source, received_at, repository, registry_host) ",
@@ -122,6 +108,22 @@ where
         });
         q.push(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING seq, idempotency_key");
         let inserted: Vec<(i64, String)> = q.build_query_as().fetch_all(&mut *tx).await?;
+        let image_projects: Vec<i64> = events
+            .iter()
+            .filter(|e| e.event.kind == EventKind::ImagePush && !registry.contains_key(&e.event.project_id))
+            .map(|e| e.event.project_id)
+            .collect();
+        if !image_projects.is_empty() {
+            // An image push's project as the registry knows it, read in the same transaction,
+            // after its first write: on SQLite a transaction that reads first and writes later
+            // fails at once (SQLITE_BUSY) when another connection wrote in between.
+            let mut q =
+                QueryBuilder::<DB>::new("SELECT id, full_path, visibility, repository_access FROM projects WHERE id");
+            push_in_list(&mut q, image_projects);
+            let rows: Vec<ProjectRow> = q.build_query_as().fetch_all(&mut *tx).await?;
+            registry.extend(rows.into_iter().map(|row| (row.id, row)));
+        }
+
         tx.commit().await?;
 
         let mut seqs: HashMap<String, i64> = inserted.into_iter().map(|(s, k)| (k, s)).collect();
