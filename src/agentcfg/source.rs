@@ -30,7 +30,7 @@ pub enum ConfigSourceError {
     NotFound(String),
     /// The source cannot answer now.
     #[error("cannot read the agent configuration: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The file is there but cannot be used (over 128 KiB).
     #[error("{0}")]
     Invalid(String),
@@ -69,7 +69,7 @@ impl ConfigSource for RegistryConfigSource {
                 Ok(ConfigSnapshot { text: text.unwrap_or_default(), version: version.to_string(), commit_id: None })
             }
             Ok(None) => Err(ConfigSourceError::NotFound("the agent no longer exists".into())),
-            Err(e) => Err(ConfigSourceError::Unavailable(e.to_string())),
+            Err(e) => Err(ConfigSourceError::Unavailable(e.into())),
         }
     }
 
@@ -91,7 +91,7 @@ impl ConfigSource for RegistryConfigSource {
 
     async fn config_files(&self, project: &ProjectPath) -> Result<Vec<AgentName>, ConfigSourceError> {
         // The registry is managed by hand and small; GitLab asks only when its page is opened.
-        let agents = self.registry.list_agents().await.map_err(|e| ConfigSourceError::Unavailable(e.to_string()))?;
+        let agents = self.registry.list_agents().await.map_err(|e| ConfigSourceError::Unavailable(e.into()))?;
         Ok(agents.into_iter().filter(|a| &a.config_project == project).map(|a| a.name).collect())
     }
 }

@@ -93,12 +93,26 @@ pub enum Lane {
 }
 
 /// What a call could not do.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GitLabError {
     /// GitLab answered with this status.
     #[error("GitLab answered {0}")]
     Status(u16),
-    /// GitLab could not be reached or did not answer in time.
+    /// GitLab could not be reached or did not answer in time. The error is kept without its URL
+    /// (`reqwest::Error::without_url`), so the message names no host path; shared (`Arc`) because
+    /// one answer is handed to every caller waiting for the same lookup.
+    #[error("GitLab unavailable: {0}")]
+    Transport(#[source] Arc<reqwest::Error>),
+    /// GitLab answered 200 with a body kas cannot read.
+    #[error("GitLab unavailable: unexpected {what} answer: {source}")]
+    Unexpected {
+        /// The call (`agent_info`, `branch`, `tree`).
+        what: &'static str,
+        /// Why the body does not parse.
+        #[source]
+        source: Arc<serde_json::Error>,
+    },
+    /// GitLab cannot be used for this call (a missing setting, an answer without a needed field).
     #[error("GitLab unavailable: {0}")]
     Unavailable(String),
     /// The call did not get its share of GitLab in time (kas's own limit; GitLab was not asked).
@@ -107,6 +121,16 @@ pub enum GitLabError {
     /// GitLab's answer is larger than kas reads.
     #[error("GitLab's answer is larger than {0} bytes")]
     TooLarge(usize),
+}
+
+impl GitLabError {
+    fn transport(e: reqwest::Error) -> Self {
+        Self::Transport(Arc::new(e.without_url()))
+    }
+
+    fn unexpected(what: &'static str, e: serde_json::Error) -> Self {
+        Self::Unexpected { what, source: Arc::new(e) }
+    }
 }
 
 /// What `agent_info` tells about a token's agent.
@@ -415,7 +439,7 @@ impl GitLabClient {
             }
         };
         let result = async {
-            let response = request.send().await.map_err(|e| GitLabError::Unavailable(e.without_url().to_string()))?;
+            let response = request.send().await.map_err(GitLabError::transport)?;
             let status = response.status().as_u16();
             let body = read_at_most(response, max_body).await?;
             Ok((status, body))
@@ -475,8 +499,8 @@ impl GitLabClient {
         let request = self.internal(path.segments(), agent_token, path == AgentInfoPath::Kubernetes);
         match self.call("agent_info", lane, request, MAX_JSON_ANSWER).await? {
             (200, body) => {
-                let b: AgentInfoBody = serde_json::from_slice(&body)
-                    .map_err(|e| GitLabError::Unavailable(format!("unexpected agent_info answer: {e}")))?;
+                let b: AgentInfoBody =
+                    serde_json::from_slice(&body).map_err(|e| GitLabError::unexpected("agent_info", e))?;
                 let project_path = b.gitaly_repository.and_then(|r| r.gl_project_path).ok_or_else(|| {
                     GitLabError::Unavailable("agent_info without gitaly_repository.gl_project_path".into())
                 })?;
@@ -525,7 +549,7 @@ impl GitLabClient {
         match self.call("branch", Lane::Known, request, MAX_JSON_ANSWER).await? {
             (200, body) => serde_json::from_slice::<Branch>(&body)
                 .map(|b| Some(b.commit.id))
-                .map_err(|e| GitLabError::Unavailable(format!("unexpected branch answer: {e}"))),
+                .map_err(|e| GitLabError::unexpected("branch", e)),
             (404, _) => Ok(None),
             (status, _) => Err(GitLabError::Status(status)),
         }
@@ -552,8 +576,7 @@ impl GitLabClient {
                 ("page", &page.to_string()),
             ]);
             let entries: Vec<Entry> = match self.call("tree", Lane::Known, request, MAX_JSON_ANSWER).await? {
-                (200, body) => serde_json::from_slice(&body)
-                    .map_err(|e| GitLabError::Unavailable(format!("unexpected tree answer: {e}")))?,
+                (200, body) => serde_json::from_slice(&body).map_err(|e| GitLabError::unexpected("tree", e))?,
                 (404, _) => break,
                 (status, _) => return Err(GitLabError::Status(status)),
             };
@@ -593,7 +616,7 @@ async fn read_at_most(mut response: reqwest::Response, max: usize) -> Result<byt
         return Err(GitLabError::TooLarge(max));
     }
     let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| GitLabError::Unavailable(e.without_url().to_string()))? {
+    while let Some(chunk) = response.chunk().await.map_err(GitLabError::transport)? {
         if body.len() + chunk.len() > max {
             return Err(GitLabError::TooLarge(max));
         }
@@ -681,13 +704,13 @@ mod tests {
         let limits =
             CallLimits { slots: 4, unknown_slots: 2, peer_rate: 0.5, peer_burst: 2.0, ..CallLimits::default() };
         let c = client(&url, limits);
-        assert_eq!(c.agent_info("t1", peer(1)).await, Err(GitLabError::Status(401)));
-        assert_eq!(c.agent_info("t2", peer(1)).await, Err(GitLabError::Status(401)));
+        assert!(matches!(c.agent_info("t1", peer(1)).await, Err(GitLabError::Status(401))));
+        assert!(matches!(c.agent_info("t2", peer(1)).await, Err(GitLabError::Status(401))));
         let started = Instant::now();
         assert!(matches!(c.agent_info("t3", peer(1)).await, Err(GitLabError::Overloaded(_))));
         assert!(started.elapsed() < Duration::from_millis(100), "refused at once, not queued");
         assert_eq!(calls.load(Ordering::SeqCst), 2, "GitLab was not asked over the peer's budget");
-        assert_eq!(c.agent_info("t4", peer(2)).await, Err(GitLabError::Status(401)), "another peer has its own");
+        assert!(matches!(c.agent_info("t4", peer(2)).await, Err(GitLabError::Status(401))), "another peer has its own");
 
         // A slow GitLab: strangers hold at most their two slots; a third fails at once, and the
         // known lane still has room.
@@ -701,10 +724,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(matches!(c.agent_info("t5", peer(9)).await, Err(GitLabError::Overloaded(_))));
         let started = Instant::now();
-        assert_eq!(c.agent_info("known", Lane::Known).await, Err(GitLabError::Status(401)));
+        assert!(matches!(c.agent_info("known", Lane::Known).await, Err(GitLabError::Status(401))));
         assert!(started.elapsed() < Duration::from_millis(1500), "no wait behind the strangers");
         for t in slow {
-            assert_eq!(t.await.unwrap(), Err(GitLabError::Status(401)));
+            assert!(matches!(t.await.unwrap(), Err(GitLabError::Status(401))));
         }
         assert_eq!(c.metrics.gitlab_cache("peers").get(), 5);
     }
@@ -741,6 +764,6 @@ mod tests {
         let (result, waited) = waiter.await.unwrap();
         assert!(matches!(result, Err(GitLabError::Overloaded(_))), "{result:?}");
         assert!(waited < Duration::from_millis(1200), "failed at the deadline, not after the slow call: {waited:?}");
-        assert_eq!(busy.await.unwrap(), Err(GitLabError::Status(401)));
+        assert!(matches!(busy.await.unwrap(), Err(GitLabError::Status(401))));
     }
 }

@@ -37,7 +37,7 @@ impl GitLabConfigSource {
 }
 
 fn unavailable(e: GitLabError) -> ConfigSourceError {
-    ConfigSourceError::Unavailable(e.to_string())
+    ConfigSourceError::Unavailable(e.into())
 }
 
 #[async_trait]

@@ -171,7 +171,7 @@ impl GitLabDirectory {
             Err(GitLabError::Status(401)) => Err(self.refuse(key, RefusalKind::Unauthenticated).await),
             Err(GitLabError::Status(403)) => Err(self.refuse(key, RefusalKind::PermissionDenied).await),
             Err(GitLabError::Status(404)) => Err(self.refuse(key, RefusalKind::NotFound).await),
-            Err(e) => Err(IdentityError::Unavailable(e.to_string())),
+            Err(e) => Err(IdentityError::Unavailable(e.into())),
         }
     }
 }
@@ -322,7 +322,7 @@ impl AgentDirectory for GitLabDirectory {
             .client
             .verify_project_access(token.expose(), project)
             .await
-            .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+            .map_err(|e| IdentityError::Unavailable(e.into()))?;
         let mut access = self.access.lock().expect("access lock");
         // Expired answers are swept when the table has doubled since the last sweep, so a
         // public push to many agents does not sweep it once per agent.

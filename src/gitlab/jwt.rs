@@ -21,7 +21,7 @@ const KAS_TOKEN_LIFETIME_SECS: u64 = 30;
 /// Why a token was refused. The message is safe to return: it never includes the token.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid JWT: {0}")]
-pub struct JwtError(String);
+pub struct JwtError(#[source] jsonwebtoken::errors::Error);
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -57,9 +57,7 @@ impl GitLabJwt {
 
     /// Checks a token GitLab sent to kas.
     pub fn verify_from_gitlab(&self, token: &str) -> Result<(), JwtError> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map(|_| ())
-            .map_err(|e| JwtError(e.to_string()))
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|_| ()).map_err(JwtError)
     }
 
     /// Signs a token as GitLab Rails does for kas (used by `kas push` and tests).

@@ -15,7 +15,7 @@ impl From<IdentityError> for Status {
             IdentityError::Unauthenticated => Status::unauthenticated(e.to_string()),
             IdentityError::PermissionDenied(m) => Status::permission_denied(m),
             IdentityError::NotFound(m) => Status::not_found(m),
-            IdentityError::Unavailable(m) => Status::unavailable(m),
+            IdentityError::Unavailable(source) => Status::unavailable(source.to_string()),
         }
     }
 }
@@ -24,7 +24,7 @@ impl From<ConfigSourceError> for Status {
     fn from(e: ConfigSourceError) -> Self {
         match e {
             ConfigSourceError::NotFound(m) => Status::not_found(m),
-            ConfigSourceError::Unavailable(m) => Status::unavailable(m),
+            ConfigSourceError::Unavailable(source) => Status::unavailable(source.to_string()),
             ConfigSourceError::Invalid(m) => Status::failed_precondition(m),
         }
     }

@@ -50,9 +50,10 @@ pub enum IdentityError {
     /// The agent does not exist any more (GitLab's 404).
     #[error("{0}")]
     NotFound(String),
-    /// The source of truth cannot answer now; try again.
+    /// The source of truth cannot answer now; try again. The source is the database's or
+    /// GitLab's error, or a sentence when there is none.
     #[error("agent directory unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The source of truth for agents and what they may see.

@@ -30,7 +30,7 @@ impl AgentDirectory for RegistryDirectory {
             .credentials
             .authenticate(&token.digest(), now_ms())
             .await
-            .map_err(|e| IdentityError::Unavailable(e.to_string()))?
+            .map_err(|e| IdentityError::Unavailable(e.into()))?
             .ok_or(IdentityError::Unauthenticated)?;
         Ok(AgentIdentity {
             id: found.agent.id,
@@ -44,7 +44,7 @@ impl AgentDirectory for RegistryDirectory {
 
     async fn recheck(&self, credentials: &[i64]) -> Result<Rechecked, IdentityError> {
         let valid =
-            self.credentials.active_tokens(credentials).await.map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+            self.credentials.active_tokens(credentials).await.map_err(|e| IdentityError::Unavailable(e.into()))?;
         Ok(Rechecked { valid, unverified: Vec::new() })
     }
 
