@@ -6,10 +6,11 @@
 //! auto-disables the hook.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::domain::{EventKind, ProjectPath, PushEvent, Visibility};
+use crate::domain::{EventKind, InvalidValue, ProjectPath, PushEvent, Visibility};
 
 /// Longest ref name kept (Git itself has no hard limit; GitLab's are far shorter).
 const MAX_REF_LEN: usize = 1024;
@@ -26,20 +27,26 @@ pub enum Hook {
 }
 
 /// Why a webhook body was refused (answered with 400).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum WebhookError {
     /// No `X-Gitlab-Event` header.
     #[error("missing X-Gitlab-Event header")]
     MissingEvent,
-    /// The body is not the JSON GitLab sends.
+    /// The body is not the JSON GitLab sends (shared so the error stays `Clone`).
     #[error("malformed JSON: {0}")]
-    Malformed(String),
+    Malformed(#[source] Arc<serde_json::Error>),
+    /// The body is JSON but not an object.
+    #[error("malformed JSON: expected a JSON object")]
+    NotAnObject,
     /// A push without `project.path_with_namespace`.
     #[error("push without a project path (project.path_with_namespace)")]
     MissingProjectPath,
     /// A push without a positive project id.
     #[error("push without a project id (project.id or project_id)")]
     MissingProjectId,
+    /// The project path is not one GitLab allows.
+    #[error("{0}")]
+    ProjectPath(#[source] InvalidValue),
     /// A field with an unusable value.
     #[error("{0}")]
     Invalid(String),
@@ -84,9 +91,9 @@ pub fn parse(event: Option<&str>, body: &[u8]) -> Result<Hook, WebhookError> {
     };
     // serde would also take a struct from a JSON array; GitLab only ever sends an object.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(WebhookError::Malformed("expected a JSON object".into()));
+        return Err(WebhookError::NotAnObject);
     }
-    let payload: Payload<'_> = serde_json::from_slice(body).map_err(|e| WebhookError::Malformed(e.to_string()))?;
+    let payload: Payload<'_> = serde_json::from_slice(body).map_err(|e| WebhookError::Malformed(Arc::new(e)))?;
     // The body's own kind is the most specific: system hooks carry only `event_name`, project
     // hooks carry both it and `object_kind`.
     let body_kind = payload.object_kind.as_deref().or(payload.event_name.as_deref());
@@ -101,7 +108,7 @@ pub fn parse(event: Option<&str>, body: &[u8]) -> Result<Hook, WebhookError> {
     };
     let project = payload.project.as_ref();
     let path = project.and_then(|p| p.path_with_namespace.as_deref()).ok_or(WebhookError::MissingProjectPath)?;
-    let project_path = ProjectPath::parse(path).map_err(|e| WebhookError::Invalid(e.to_string()))?;
+    let project_path = ProjectPath::parse(path).map_err(WebhookError::ProjectPath)?;
     let project_id =
         project.and_then(|p| p.id).or(payload.project_id).filter(|id| *id > 0).ok_or(WebhookError::MissingProjectId)?;
     // An unknown level (a future GitLab's) leaves the registry as it is rather than guessing.
@@ -188,22 +195,22 @@ mod tests {
 
     #[test]
     fn refusals() {
-        assert_eq!(parse(None, b"{}"), Err(WebhookError::MissingEvent));
+        assert!(matches!(parse(None, b"{}"), Err(WebhookError::MissingEvent)));
         assert!(matches!(parse(Some("Push Hook"), b"{"), Err(WebhookError::Malformed(_))));
-        assert!(matches!(parse(Some("Push Hook"), b"[]"), Err(WebhookError::Malformed(_))));
+        assert!(matches!(parse(Some("Push Hook"), b"[]"), Err(WebhookError::NotAnObject)));
         assert!(matches!(parse(Some("Push Hook"), br#"{"project_id":"15"}"#), Err(WebhookError::Malformed(_))));
-        assert_eq!(parse(Some("Push Hook"), br#"{"project":{"id":1}}"#), Err(WebhookError::MissingProjectPath));
-        assert_eq!(
+        assert!(matches!(parse(Some("Push Hook"), br#"{"project":{"id":1}}"#), Err(WebhookError::MissingProjectPath)));
+        assert!(matches!(
             parse(Some("Push Hook"), br#"{"project":{"path_with_namespace":"g/p"}}"#),
             Err(WebhookError::MissingProjectId)
-        );
-        assert_eq!(
+        ));
+        assert!(matches!(
             parse(Some("Push Hook"), br#"{"project_id":0,"project":{"path_with_namespace":"g/p"}}"#),
             Err(WebhookError::MissingProjectId)
-        );
+        ));
         assert!(matches!(
             parse(Some("Push Hook"), br#"{"project":{"id":1,"path_with_namespace":"g/p q"}}"#),
-            Err(WebhookError::Invalid(_))
+            Err(WebhookError::ProjectPath(_))
         ));
         let long_ref = format!(r#"{{"project":{{"id":1,"path_with_namespace":"g/p"}},"ref":"{}"}}"#, "r".repeat(2000));
         assert!(matches!(parse(Some("Push Hook"), long_ref.as_bytes()), Err(WebhookError::Invalid(_))));
