@@ -84,3 +84,27 @@ pub(crate) fn intake_label(e: &IntakeError) -> &'static str {
         IntakeError::Unavailable(_) | IntakeError::Timeout | IntakeError::ShuttingDown => "unavailable",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intake_refusals_pair_code_and_label() {
+        for (e, code, label) in [
+            (IntakeError::KeyTooLong, tonic::Code::InvalidArgument, "invalid"),
+            (IntakeError::Timeout, tonic::Code::Unavailable, "unavailable"),
+            (IntakeError::ShuttingDown, tonic::Code::Unavailable, "unavailable"),
+        ] {
+            let got = intake_label(&e);
+            assert_eq!((Status::from(e).code(), got), (code, label));
+        }
+    }
+
+    #[test]
+    fn unavailable_sources_keep_their_message() {
+        let status = Status::from(IdentityError::Unavailable("the agent's token is no longer known".into()));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), "the agent's token is no longer known");
+    }
+}

@@ -125,3 +125,29 @@ impl From<TunnelError> for HttpError {
         Self::new(status, e.outcome(), e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_and_label_go_together() {
+        let cases: [(HttpError, StatusCode, &str); 5] = [
+            (IntakeError::KeyTooLong.into(), StatusCode::BAD_REQUEST, "bad_request"),
+            (IntakeError::Timeout.into(), StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            (HttpError::too_large(10), StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            (TunnelError::NoTunnel { agent: 1, waited_ms: 5 }.into(), StatusCode::GATEWAY_TIMEOUT, "no_tunnel"),
+            (TunnelError::NotOptedIn { agent: 1, switch: "x".into() }.into(), StatusCode::FORBIDDEN, "not_opted_in"),
+        ];
+        for (e, status, label) in cases {
+            assert_eq!((e.status(), e.label()), (status, label));
+        }
+    }
+
+    #[test]
+    fn internal_reasons_stay_in_the_log() {
+        let e = HttpError::from(StoreError::Corrupt("row 7 has a secret-looking value".into()));
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!e.message.contains("row 7"), "{}", e.message);
+    }
+}
