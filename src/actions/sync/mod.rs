@@ -4,3 +4,7 @@
 //! through `crate::gitlab::statuses`.
 
 pub mod flux;
+pub mod poster;
+pub mod watcher;
+
+pub use watcher::{SyncParts, SyncSettings, SyncWatcher};
