@@ -117,11 +117,16 @@ async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> 
         Ok(actions) => actions,
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
     };
+    // The last state Flux reported per agent and Kustomization (sync status).
+    let sync = match app.store.kustomizations(1000).await {
+        Ok(sync) => sync,
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
+    };
     match listed.await {
-        Ok((connections, pods, tunnels)) => {
-            Json(json!({ "connections": connections, "pods": pods, "tunnels": tunnels, "cluster_actions": actions }))
-                .into_response()
-        }
+        Ok((connections, pods, tunnels)) => Json(json!({
+            "connections": connections, "pods": pods, "tunnels": tunnels, "cluster_actions": actions, "sync": sync,
+        }))
+        .into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
     }
 }

@@ -269,7 +269,7 @@ pub struct PostedStatus {
 }
 
 /// The last state Flux reported for one of an agent's Kustomizations.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KustomizationState {
     /// The agent.
     pub agent: AgentId,
