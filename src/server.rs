@@ -367,16 +367,15 @@ fn status_client(
         );
         return Ok(None);
     };
-    let token = std::fs::read_to_string(token_file).map_err(|e| {
-        ServeError::GitLab(format!("--gitlab-status-token-file {}: {e}", token_file.display()))
-    })?;
+    let token = std::fs::read_to_string(token_file)
+        .map_err(|e| ServeError::GitLab(format!("--gitlab-status-token-file {}: {e}", token_file.display())))?;
     let token = crate::config::Secret::new(token.trim().to_owned());
     let roots = match &config.gitlab_ca_file {
         Some(path) => gitlab_ca(path)?,
         None => Vec::new(),
     };
-    let client = crate::gitlab::statuses::StatusClient::new(url, token, roots, metrics.clone())
-        .map_err(ServeError::GitLab)?;
+    let client =
+        crate::gitlab::statuses::StatusClient::new(url, token, roots, metrics.clone()).map_err(ServeError::GitLab)?;
     // Flux's GitRepository URLs name GitLab's external host, which the internal URL may not.
     let host = config.gitlab_external_url.as_deref().unwrap_or(url);
     let host = crate::actions::sync::flux::url_host(host)

@@ -112,8 +112,12 @@ pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), 
             .map_err(io)?;
     }
     writeln!(out, "\nFLUX SYNC (last state per Kustomization)").map_err(io)?;
-    writeln!(out, "{:<8} {:<32} {:<8} {:<12} {:<20} {:<20} REVISION", "AGENT", "KUSTOMIZATION", "STATE", "STATUS", "PROJECT", "AT")
-        .map_err(io)?;
+    writeln!(
+        out,
+        "{:<8} {:<32} {:<8} {:<12} {:<20} {:<20} REVISION",
+        "AGENT", "KUSTOMIZATION", "STATE", "STATUS", "PROJECT", "AT"
+    )
+    .map_err(io)?;
     for k in answer.sync {
         let name = format!("{}/{}", k.namespace, k.name);
         let project = k.project.as_deref().unwrap_or("-");

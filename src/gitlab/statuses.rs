@@ -119,8 +119,7 @@ impl StatusClient {
         ]);
         let request = self.http.post(url).header("PRIVATE-TOKEN", sensitive(self.token.expose())).json(status);
         let result = async {
-            let response =
-                request.send().await.map_err(|e| GitLabError::Unavailable(e.without_url().to_string()))?;
+            let response = request.send().await.map_err(|e| GitLabError::Unavailable(e.without_url().to_string()))?;
             let code = response.status().as_u16();
             let body = read_at_most(response, MAX_ANSWER).await?;
             Ok::<_, GitLabError>((code, body))
@@ -175,7 +174,10 @@ mod tests {
         assert_eq!(classify(201, b"{}"), Ok(Posted::Created));
         let refused = br#"{"message":"Cannot transition status via :run from :success (Reason(s): Status cannot transition via \"run\")"}"#;
         assert_eq!(classify(400, refused), Ok(Posted::AlreadyReported));
-        assert!(matches!(classify(400, b"{\"message\":\"state is invalid\"}"), Err(StatusError::Refused { status: 400, .. })));
+        assert!(matches!(
+            classify(400, b"{\"message\":\"state is invalid\"}"),
+            Err(StatusError::Refused { status: 400, .. })
+        ));
         assert!(matches!(classify(403, b""), Err(StatusError::Refused { status: 403, .. })));
         assert!(matches!(classify(404, b""), Err(StatusError::Refused { status: 404, .. })));
         assert!(matches!(classify(500, b""), Err(StatusError::Retry(GitLabError::Status(500)))));
@@ -198,10 +200,16 @@ mod tests {
             body,
             serde_json::json!({"state": "success", "name": "flux/prod/flux-system/apps", "description": "Applied"})
         );
-        assert!(StatusClient::new("ftp://x", Secret::new(String::new()), Vec::new(), Arc::new(Metrics::new())).is_err());
-        let client =
-            StatusClient::new("https://u:p@gitlab.example.com/", Secret::new("t".into()), Vec::new(), Arc::new(Metrics::new()))
-                .unwrap();
+        assert!(
+            StatusClient::new("ftp://x", Secret::new(String::new()), Vec::new(), Arc::new(Metrics::new())).is_err()
+        );
+        let client = StatusClient::new(
+            "https://u:p@gitlab.example.com/",
+            Secret::new("t".into()),
+            Vec::new(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
         assert_eq!(client.base_url(), "https://gitlab.example.com");
     }
 }

@@ -319,14 +319,7 @@ pub trait Store:
 }
 
 impl<T> Store for T where
-    T: Lifecycle
-        + AgentRegistry
-        + Credentials
-        + ProjectRegistry
-        + EventLog
-        + PositionStore
-        + ActionLog
-        + StatusLog
+    T: Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore + ActionLog + StatusLog
 {
 }
 

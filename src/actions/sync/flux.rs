@@ -267,8 +267,7 @@ pub fn observe(k: &Kustomization, sources: &Sources, gitlab_host: &str) -> Optio
         "OCIRepository" => (None, sources.oci.get(&source_key)),
         _ => (None, None),
     };
-    let artifact_revision =
-        git.or(oci).and_then(|s| s.status.artifact.as_ref()).and_then(|a| a.revision.clone());
+    let artifact_revision = git.or(oci).and_then(|s| s.status.artifact.as_ref()).and_then(|a| a.revision.clone());
     // Success is about what was applied; a running or failing attempt is about what Flux is
     // trying, which for a fresh commit is the source's newest artifact.
     let revision = match state {
@@ -438,8 +437,14 @@ mod tests {
         ] {
             assert_eq!(project_of_url(url, HOST), None, "{url}");
         }
-        assert_eq!(project_of_url("https://gitlab.example.com:8443/g/p", "gitlab.example.com:8443").as_deref(), Some("g/p"));
-        assert_eq!(project_of_url("ssh://git@gitlab.example.com/g/p", "gitlab.example.com:8443").as_deref(), Some("g/p"));
+        assert_eq!(
+            project_of_url("https://gitlab.example.com:8443/g/p", "gitlab.example.com:8443").as_deref(),
+            Some("g/p")
+        );
+        assert_eq!(
+            project_of_url("ssh://git@gitlab.example.com/g/p", "gitlab.example.com:8443").as_deref(),
+            Some("g/p")
+        );
         assert_eq!(project_of_url("https://gitlab.example.com:9999/g/p", "gitlab.example.com:8443"), None);
         assert_eq!(url_host("https://GitLab.example.com/").as_deref(), Some("gitlab.example.com"));
         assert_eq!(url_host("http://127.0.0.1:8080/x").as_deref(), Some("127.0.0.1:8080"));

@@ -228,9 +228,8 @@ impl SyncWatcher {
         let lease_ms = self.settings.lease.as_millis().max(1) as i64;
         let now = self.parts.clock.now_ms();
         let span = now / lease_ms;
-        let ours = |span: i64| {
-            self.watches.lock().expect("watches lock").get(&agent).is_some_and(|w| w.spans.contains(&span))
-        };
+        let ours =
+            |span: i64| self.watches.lock().expect("watches lock").get(&agent).is_some_and(|w| w.spans.contains(&span));
         let held = ours(span) || self.claim(agent, span).await;
         if !held {
             // Another replica watches it: start afresh should it come back here.
@@ -302,7 +301,11 @@ impl SyncWatcher {
         match response.status {
             404 => return Some(None),
             401 | 403 => {
-                self.note_once(agent, "", &format!("listing {path}: {} (agentk's service account may not)", response.status));
+                self.note_once(
+                    agent,
+                    "",
+                    &format!("listing {path}: {} (agentk's service account may not)", response.status),
+                );
                 return None;
             }
             s if s >= 400 => {

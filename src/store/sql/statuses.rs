@@ -70,18 +70,39 @@ where
 
     async fn kustomizations(&self, limit: i64) -> Result<Vec<KustomizationState>, StoreError> {
         #[allow(clippy::type_complexity)]
-        let rows: Vec<(i64, String, String, String, String, Option<String>, Option<String>, String, String, i64)> =
-            sqlx::query_as(
-                "SELECT agent_id, namespace, name, revision, state, project, sha, message, reported, updated_at \
+        let rows: Vec<(
+            i64,
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            String,
+            String,
+            i64,
+        )> = sqlx::query_as(
+            "SELECT agent_id, namespace, name, revision, state, project, sha, message, reported, updated_at \
                  FROM sync_kustomizations ORDER BY agent_id, namespace, name LIMIT $1",
-            )
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
             .into_iter()
             .map(|(agent, namespace, name, revision, state, project, sha, message, reported, updated_at)| {
-                KustomizationState { agent, namespace, name, revision, state, project, sha, message, reported, updated_at }
+                KustomizationState {
+                    agent,
+                    namespace,
+                    name,
+                    revision,
+                    state,
+                    project,
+                    sha,
+                    message,
+                    reported,
+                    updated_at,
+                }
             })
             .collect())
     }
