@@ -184,7 +184,7 @@ async fn two_replicas_post_once() {
         s.redis_url = Some(test_redis::SHARED.into());
         s.redis_prefix = Some(prefix.clone());
     };
-    let a = TestApp::spawn(&db, with.clone()).await;
+    let a = TestApp::spawn(&db, with).await;
     let b = TestApp::spawn(&db, with).await;
     project(&a, 42, "group/app", Visibility::Private).await;
     let cluster = FluxSync::start().await;
