@@ -116,8 +116,13 @@ async fn flux_states_reach_gitlab_once_and_only_where_allowed() {
         "the OCI artifact's commit got its status: {:?}",
         gitlab.taken()
     );
+    let changed = std::time::Instant::now();
     cluster.put(kustomization("apps", ("GitRepository", "app"), ready(&rev(SHA1))));
     assert!(eventually(SOON, || async { of(&gitlab.taken(), "group/app", SHA1, name, "success") == 1 }).await);
+    // Within one listing interval (1 s here) and a post.
+    let delay = changed.elapsed();
+    eprintln!("Flux Ready -> GitLab status: {delay:?}");
+    assert!(delay < Duration::from_secs(3), "{delay:?}");
     let taken = gitlab.taken();
     let success = taken.iter().find(|s| s.state == "success" && s.name == name).unwrap();
     assert_eq!(success.description, format!("Applied revision: {}", rev(SHA1)));
