@@ -101,6 +101,13 @@ async fn flux_states_reach_gitlab_once_and_only_where_allowed() {
     let (record, token) = app.create_agent("prod", "group/app").await;
     app.store.set_agent_config(record.id, Some(OPTED_IN)).await.unwrap();
     let _tunnels = tunnels(&app, &token, &cluster).await;
+    // An agent of the same project that did not opt in: its cluster is never asked.
+    let shy_cluster = FluxSync::start().await;
+    shy_cluster.set_sources(vec![git_repository("app", "https://gitlab.example.com/group/app", &rev(SHA1))], vec![]);
+    shy_cluster.put(kustomization("apps", ("GitRepository", "app"), ready(&rev(SHA1))));
+    let (shy, shy_token) = app.create_agent("shy", "group/app").await;
+    app.store.set_agent_config(shy.id, Some("kas:\n  cluster_read: true\n")).await.unwrap();
+    let _shy_tunnels = tunnels(&app, &shy_token, &shy_cluster).await;
 
     let name = "flux/prod/flux-system/apps";
     assert!(
@@ -141,6 +148,8 @@ async fn flux_states_reach_gitlab_once_and_only_where_allowed() {
     let taken = gitlab.taken();
     assert_eq!(taken.len(), 4, "{taken:?}");
     assert!(taken.iter().all(|s| s.project == "group/app"), "a status went to a refused project: {taken:?}");
+    assert!(app.state.tunnels.registry().holds(shy.id));
+    assert_eq!(shy_cluster.requests(), 0, "the cluster of an agent that did not opt in was listed");
     let metrics = app.metrics_text().await;
     for line in [
         "kas_sync_statuses_total{result=\"posted\"} 4",
@@ -214,4 +223,23 @@ async fn two_replicas_post_once() {
     b.stop().await;
     test_redis::cleanup(&prefix).await;
     db.cleanup().await;
+}
+
+/// Without a GitLab URL and token for statuses, sync status is off: opted-in clusters are not
+/// even listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_credentials_nothing_is_listed() {
+    let db = TestDb::sqlite();
+    let app = TestApp::spawn(&db, |_| {}).await;
+    let cluster = FluxSync::start().await;
+    cluster.put(kustomization("apps", ("GitRepository", "app"), ready(&rev(SHA1))));
+    let (record, token) = app.create_agent("prod", "group/app").await;
+    app.store.set_agent_config(record.id, Some(OPTED_IN)).await.unwrap();
+    let _tunnels = tunnels(&app, &token, &cluster).await;
+    let registry = app.state.tunnels.registry().clone();
+    assert!(eventually(SOON, || async { registry.holds(record.id) }).await);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(cluster.requests(), 0);
+    assert!(sync_view(&app).await.is_empty());
+    app.stop().await;
 }

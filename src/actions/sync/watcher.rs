@@ -38,6 +38,9 @@ const MAX_REMEMBERED: usize = 10_000;
 const MAX_NOTES: usize = 10_000;
 /// How often posted-status marks older than the retention are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// How long an agent's `kas.sync_status` is used before its configuration file is read again
+/// (in GitLab mode each read is a call to GitLab).
+const CONFIG_REFRESH: Duration = Duration::from_secs(30);
 
 /// Settings of the watcher.
 #[derive(Debug, Clone)]
@@ -95,6 +98,9 @@ pub struct SyncWatcher {
     in_flight: Mutex<HashSet<AgentId>>,
     /// What was logged once already: (agent, kustomization, what).
     noted: Mutex<HashSet<(AgentId, String, String)>>,
+    /// Per agent: when its configuration was read, and the projects statuses may go to
+    /// (`None`: not opted in).
+    opt_ins: Mutex<HashMap<AgentId, (tokio::time::Instant, Option<Vec<String>>)>>,
     permits: Arc<Semaphore>,
 }
 
@@ -116,6 +122,7 @@ impl SyncWatcher {
             watches: Mutex::default(),
             in_flight: Mutex::default(),
             noted: Mutex::default(),
+            opt_ins: Mutex::default(),
             permits: Arc::new(Semaphore::new(CONCURRENCY)),
         });
         let this = watcher.clone();
@@ -139,6 +146,7 @@ impl SyncWatcher {
     fn round(self: &Arc<Self>, tasks: &TaskTracker, stop: &CancellationToken) {
         let agents = self.parts.tunnels.registry().agents();
         self.watches.lock().expect("watches lock").retain(|id, _| agents.iter().any(|a| a.id == *id));
+        self.opt_ins.lock().expect("opt-ins lock").retain(|id, _| agents.iter().any(|a| a.id == *id));
         for agent in agents {
             if !self.in_flight.lock().expect("in-flight lock").insert(agent.id) {
                 continue;
@@ -167,6 +175,13 @@ impl SyncWatcher {
             return;
         }
         let Some((kustomizations, sources)) = self.list(agent).await else { return };
+        // Forget Kustomizations that are gone, so memory follows the cluster.
+        {
+            let present: HashSet<(String, String)> = kustomizations.iter().map(|k| k.key()).collect();
+            if let Some(watch) = self.watches.lock().expect("watches lock").get_mut(&agent.id) {
+                watch.last.retain(|key, _| present.contains(key));
+            }
+        }
         for k in &kustomizations {
             let Some(observed) = flux::observe(k, &sources, &self.settings.gitlab_host) else { continue };
             let key = (observed.namespace.clone(), observed.name.clone());
@@ -206,7 +221,21 @@ impl SyncWatcher {
     }
 
     /// The projects statuses may go to when the agent turned sync status on; `None` otherwise.
+    /// Read at most every `CONFIG_REFRESH` per agent.
     async fn opted_in(&self, agent: &AgentIdentity) -> Option<Vec<String>> {
+        let cached = self.opt_ins.lock().expect("opt-ins lock").get(&agent.id).cloned();
+        if let Some((at, projects)) = cached
+            && at.elapsed() < CONFIG_REFRESH
+        {
+            return projects;
+        }
+        let projects = self.read_opt_in(agent).await;
+        let now = tokio::time::Instant::now();
+        self.opt_ins.lock().expect("opt-ins lock").insert(agent.id, (now, projects.clone()));
+        projects
+    }
+
+    async fn read_opt_in(&self, agent: &AgentIdentity) -> Option<Vec<String>> {
         let snapshot = match tokio::time::timeout(CONFIG_TIMEOUT, self.parts.configs.load(agent)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {

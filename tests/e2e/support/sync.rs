@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 #[derive(Default)]
 struct Objects {
+    requests: usize,
     kustomizations: Vec<Value>,
     git: Vec<Value>,
     oci: Vec<Value>,
@@ -100,6 +101,11 @@ impl FluxSync {
         o.oci = oci;
     }
 
+    /// Requests served so far.
+    pub fn requests(&self) -> usize {
+        self.objects.lock().unwrap().requests
+    }
+
     /// Adds or replaces (by name) a Kustomization.
     pub fn put(&self, k: Value) {
         let mut o = self.objects.lock().unwrap();
@@ -115,7 +121,8 @@ impl Drop for FluxSync {
 }
 
 async fn serve_flux(State(objects): State<Arc<Mutex<Objects>>>, request: Request) -> Response {
-    let o = objects.lock().unwrap();
+    let mut o = objects.lock().unwrap();
+    o.requests += 1;
     let (kind, items) = match request.uri().path() {
         "/apis/kustomize.toolkit.fluxcd.io/v1/kustomizations" => ("KustomizationList", &o.kustomizations),
         "/apis/source.toolkit.fluxcd.io/v1/gitrepositories" => ("GitRepositoryList", &o.git),
