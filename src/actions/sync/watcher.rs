@@ -80,6 +80,10 @@ pub struct SyncParts {
     pub clock: Clock,
 }
 
+/// When an agent's configuration was read, and the projects its statuses may go to (`None`:
+/// not opted in).
+type OptIn = (tokio::time::Instant, Option<Vec<String>>);
+
 /// One watched agent on this replica.
 #[derive(Default)]
 struct Watch {
@@ -100,7 +104,7 @@ pub struct SyncWatcher {
     noted: Mutex<HashSet<(AgentId, String, String)>>,
     /// Per agent: when its configuration was read, and the projects statuses may go to
     /// (`None`: not opted in).
-    opt_ins: Mutex<HashMap<AgentId, (tokio::time::Instant, Option<Vec<String>>)>>,
+    opt_ins: Mutex<HashMap<AgentId, OptIn>>,
     permits: Arc<Semaphore>,
 }
 
