@@ -359,9 +359,7 @@ fn status_client(
     config: &Config,
     metrics: &Arc<Metrics>,
 ) -> Result<Option<(Arc<crate::gitlab::statuses::StatusClient>, String)>, ServeError> {
-    let url = config.gitlab_status_url.as_ref().or(config.gitlab_url.as_ref());
-    let token_file = config.gitlab_status_token_file.as_ref().or(config.gitlab_api_token_file.as_ref());
-    let (Some(url), Some(token_file)) = (url, token_file) else {
+    let Some((url, token_file)) = crate::gitlab::statuses::credentials(config) else {
         tracing::warn!(
             "Flux commit statuses are off: set KAS_GITLAB_STATUS_URL and KAS_GITLAB_STATUS_TOKEN_FILE (GitLab mode: KAS_GITLAB_API_TOKEN_FILE), a token with the api scope; agents' kas.sync_status is ignored until then"
         );

@@ -66,6 +66,14 @@ pub enum StatusError {
     },
 }
 
+/// Where statuses go and the file of the token that posts them: the status settings, else GitLab
+/// mode's URL and API token; `None` when either is missing (sync status is off).
+pub fn credentials(config: &crate::config::Config) -> Option<(&str, &std::path::Path)> {
+    let url = config.gitlab_status_url.as_deref().or(config.gitlab_url.as_deref())?;
+    let token = config.gitlab_status_token_file.as_deref().or(config.gitlab_api_token_file.as_deref())?;
+    Some((url, token))
+}
+
 /// A client of one GitLab's commit statuses.
 pub struct StatusClient {
     http: reqwest::Client,
@@ -182,6 +190,36 @@ mod tests {
         assert!(matches!(classify(404, b""), Err(StatusError::Refused { status: 404, .. })));
         assert!(matches!(classify(500, b""), Err(StatusError::Retry(GitLabError::Status(500)))));
         assert!(matches!(classify(429, b""), Err(StatusError::Retry(_))));
+    }
+
+    #[test]
+    fn credentials_come_from_the_status_settings_else_gitlab_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolve = |tweak: &dyn Fn(&mut crate::config::Settings)| {
+            let mut s =
+                crate::config::Settings { data_dir: Some(dir.path().display().to_string()), ..Default::default() };
+            tweak(&mut s);
+            s.resolve().unwrap()
+        };
+        let path = std::path::Path::new;
+        assert_eq!(credentials(&resolve(&|_| {})), None);
+        let local = resolve(&|s| s.gitlab_status_url = Some("https://gitlab.example.com".into()));
+        assert_eq!(credentials(&local), None, "a URL without a token");
+        let local = resolve(&|s| {
+            s.gitlab_status_url = Some("https://gitlab.example.com/".into());
+            s.gitlab_status_token_file = Some("/t".into());
+        });
+        assert_eq!(credentials(&local), Some(("https://gitlab.example.com", path("/t"))));
+        let gitlab_mode = |s: &mut crate::config::Settings| {
+            s.gitlab_url = Some("http://gitlab.internal".into());
+            s.gitlab_api_token_file = Some("/api".into());
+        };
+        assert_eq!(credentials(&resolve(&gitlab_mode)), Some(("http://gitlab.internal", path("/api"))));
+        let both = resolve(&|s| {
+            gitlab_mode(s);
+            s.gitlab_status_token_file = Some("/status".into());
+        });
+        assert_eq!(credentials(&both), Some(("http://gitlab.internal", path("/status"))));
     }
 
     #[test]

@@ -164,6 +164,17 @@ async fn flux_states_reach_gitlab_once_and_only_where_allowed() {
     assert_eq!(apps["reported"], "queued");
     let secret = view.iter().find(|k| k["name"] == "secret").unwrap();
     assert_eq!(secret["reported"], "not_allowed");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kas"))
+        .args(["agents", "--addr", &format!("http://{}", app.http), "--data-dir"])
+        .arg(db.data_dir())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("FLUX SYNC"), "{table}");
+    assert!(
+        table.lines().any(|l| l.contains("flux-system/apps") && l.contains("failed") && l.contains(&rev(SHA3))),
+        "{table}"
+    );
     drop(_tunnels);
     app.stop().await;
 
