@@ -275,6 +275,11 @@ pub fn observe(k: &Kustomization, sources: &Sources, gitlab_host: &str) -> Optio
         SyncState::Failed => k.status.last_attempted_revision.clone().or(k.status.last_applied_revision.clone()),
         SyncState::Running => artifact_revision.clone().or(k.status.last_attempted_revision.clone()),
     }?;
+    // Flux re-applies what it applied every interval (Ready=Unknown meanwhile): that is no news
+    // for GitLab, and a `running` after `success` would read as a new deployment.
+    if state == SyncState::Running && k.status.last_applied_revision.as_deref() == Some(revision.as_str()) {
+        return None;
+    }
     let target = match (git, oci) {
         (Some(git), _) => match project_of_url(&git.spec.url, gitlab_host) {
             None => Err(Unmapped::OtherHost),
@@ -478,6 +483,11 @@ mod tests {
         assert!(o.message.contains("kustomize build failed"));
         assert_eq!(observed("stalled").unwrap().state, SyncState::Failed);
         assert_eq!(observed("fresh"), None, "no conditions yet");
+        // The periodic re-apply of what is applied is not reported.
+        let (mut ks, sources) = cluster();
+        let infra = ks.iter_mut().find(|k| k.metadata.name == "infra").unwrap();
+        infra.status.last_applied_revision = Some("main@sha1:1111111111111111111111111111111111111111".into());
+        assert_eq!(observe(infra, &sources, HOST), None);
     }
 
     #[test]
