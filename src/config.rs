@@ -194,6 +194,12 @@ settings! {
     tunnel_max_request_body => "KAS_TUNNEL_MAX_REQUEST_BODY",
     /// Largest answer body kas reads from a cluster, in bytes (or with KiB/MiB; at most 16MiB) [default: 4MiB]
     tunnel_max_response_body => "KAS_TUNNEL_MAX_RESPONSE_BODY",
+    /// GitLab URL for Flux commit statuses in local-registry mode [default: KAS_GITLAB_URL]
+    gitlab_status_url => "KAS_GITLAB_STATUS_URL",
+    /// File with a GitLab API token (scope api) that posts Flux commit statuses [default: KAS_GITLAB_API_TOKEN_FILE]
+    gitlab_status_token_file => "KAS_GITLAB_STATUS_TOKEN_FILE",
+    /// How often opted-in clusters' Flux Kustomizations are listed for commit statuses [default: 5s]
+    sync_status_interval => "KAS_SYNC_STATUS_INTERVAL",
 }
 
 /// The settings the registry commands need: where the database is.
@@ -338,6 +344,12 @@ pub struct Config {
     pub tunnel_max_request_body: usize,
     /// Largest answer body read from a cluster.
     pub tunnel_max_response_body: usize,
+    /// GitLab URL for commit statuses; `None` takes `gitlab_url`.
+    pub gitlab_status_url: Option<String>,
+    /// API token file for commit statuses; `None` takes `gitlab_api_token_file`.
+    pub gitlab_status_token_file: Option<PathBuf>,
+    /// How often opted-in clusters are listed for commit statuses.
+    pub sync_status_interval: Duration,
 }
 
 /// How many connections each listener holds at once. The defaults fit 10,000 agents: every
@@ -441,6 +453,13 @@ impl Settings {
             tunnel_max_response_body: parse_size(
                 "tunnel_max_response_body",
                 s.tunnel_max_response_body.as_deref().unwrap_or("4MiB"),
+            )?,
+            gitlab_status_url: s.gitlab_status_url.map(|u| parse_url("gitlab_status_url", &u)).transpose()?,
+            gitlab_status_token_file: s.gitlab_status_token_file.map(PathBuf::from),
+            sync_status_interval: parse_duration_setting(
+                "sync_status_interval",
+                s.sync_status_interval.as_deref(),
+                "5s",
             )?,
         };
         config.check_consistency()?;
@@ -733,6 +752,8 @@ mod tests {
             ("max_agent_meta", "12", "KAS_MAX_AGENT_META"),
             ("server_version", "v18.6.0 beta", "KAS_SERVER_VERSION"),
             ("server_version", "-v18", "KAS_SERVER_VERSION"),
+            ("gitlab_status_url", "gitlab.example.com", "KAS_GITLAB_STATUS_URL"),
+            ("sync_status_interval", "0s", "KAS_SYNC_STATUS_INTERVAL"),
         ] {
             let err = settings(&[(key, value)]).resolve().unwrap_err().to_string();
             assert!(err.contains(needle), "{key}={value}: {err}");

@@ -96,6 +96,10 @@ pub struct Metrics {
     pub oci_reconciles: Family<ResultLabel, Counter>,
     /// Seconds from a registry push's receipt to the reconcile request in a cluster.
     pub registry_push_to_patch_seconds: Histogram,
+    /// Flux results seen for commit statuses, by what became of them.
+    pub sync_statuses: Family<ResultLabel, Counter>,
+    /// Seconds from a Git push's receipt to Flux's Ready for that commit, per cluster.
+    pub push_to_synced_seconds: Histogram,
 }
 
 /// Label for a state (`idle`, `busy`).
@@ -159,6 +163,9 @@ impl Metrics {
             tunnel_call_seconds: latency(),
             oci_reconciles: Family::default(),
             registry_push_to_patch_seconds: latency(),
+            sync_statuses: Family::default(),
+            // From half a second to about half an hour: Flux's intervals are minutes.
+            push_to_synced_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 13)),
             registry: Registry::default(),
         };
         registry.register("webhooks", "Webhook requests by result", m.webhooks.clone());
@@ -260,6 +267,16 @@ impl Metrics {
             "Time from a registry push's receipt to kas's reconcile request in an agent's cluster",
             m.registry_push_to_patch_seconds.clone(),
         );
+        registry.register(
+            "sync_statuses",
+            "Flux results for GitLab commit statuses by outcome (posted, already_reported, refused, dropped, not_allowed, unmapped)",
+            m.sync_statuses.clone(),
+        );
+        registry.register(
+            "push_to_synced_seconds",
+            "Time from kas's receipt of a Git push to Flux's Ready for that commit in an agent's cluster",
+            m.push_to_synced_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -306,6 +323,11 @@ impl Metrics {
     /// Counts an OCIRepository reconcile outcome.
     pub fn oci_reconcile(&self, result: &'static str) {
         self.oci_reconciles.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Counts what became of a Flux result for a commit status.
+    pub fn sync_status(&self, result: &'static str) {
+        self.sync_statuses.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// Counts a call into a cluster.

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::actions::runner::{OciActions, OciParts, OciSettings};
+use crate::actions::sync::{SyncParts, SyncSettings, SyncWatcher};
 use crate::agentcfg::source::{ConfigSource, RegistryConfigSource};
 use crate::agentcfg::watch::ConfigWatch;
 use crate::app::{App, Readiness};
@@ -185,6 +186,24 @@ pub async fn serve_with_state(
         oci_settings(&config),
     );
     oci.start(token.clone(), &background);
+    if let Some((client, gitlab_host)) = status_client(&config, &metrics)? {
+        SyncWatcher::start(
+            SyncParts {
+                tunnels: tunnels.clone(),
+                configs: config_watch.source().clone(),
+                directory: directory.clone(),
+                projects: store.clone(),
+                log: store.clone(),
+                once: engine.clone(),
+                client,
+                metrics: metrics.clone(),
+                clock: clock.clone(),
+            },
+            sync_settings(&config, gitlab_host),
+            token.clone(),
+            &background,
+        );
+    }
     // Every recorded event goes to the agent streams, the configuration watch (a push to a
     // configuration project may change an agent's configuration file) and the OCI actor.
     let local: Arc<dyn LocalDelivery> = Arc::new(DeliverToAll(vec![hub.clone(), config_watch.clone(), oci]));
@@ -331,6 +350,49 @@ fn oci_settings(config: &Config) -> OciSettings {
         // A list and a patch or two, each bounded by the tunnel's wait and call time.
         action_timeout: (config.tunnel_wait + config.tunnel_timeout) * 3,
         max_list_bytes: config.tunnel_max_response_body,
+    }
+}
+
+/// The commit-status client when GitLab's REST API and a token are configured (the status
+/// settings, else GitLab mode's URL and API token), with the host Git URLs must name; `None`
+/// (with one warning) when they are not: sync status is off.
+fn status_client(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<(Arc<crate::gitlab::statuses::StatusClient>, String)>, ServeError> {
+    let Some((url, token_file)) = crate::gitlab::statuses::credentials(config) else {
+        tracing::warn!(
+            "Flux commit statuses are off: set KAS_GITLAB_STATUS_URL and KAS_GITLAB_STATUS_TOKEN_FILE (GitLab mode: KAS_GITLAB_API_TOKEN_FILE), a token with the api scope; agents' kas.sync_status is ignored until then"
+        );
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(token_file)
+        .map_err(|e| ServeError::GitLab(format!("--gitlab-status-token-file {}: {e}", token_file.display())))?;
+    let token = crate::config::Secret::new(token.trim().to_owned());
+    let roots = match &config.gitlab_ca_file {
+        Some(path) => gitlab_ca(path)?,
+        None => Vec::new(),
+    };
+    let client =
+        crate::gitlab::statuses::StatusClient::new(url, token, roots, metrics.clone()).map_err(ServeError::GitLab)?;
+    // Flux's GitRepository URLs name GitLab's external host, which the internal URL may not.
+    let host = config.gitlab_external_url.as_deref().unwrap_or(url);
+    let host = crate::actions::sync::flux::url_host(host)
+        .ok_or_else(|| ServeError::GitLab(format!("no host in {}", crate::gitlab::client::redact_url(host))))?;
+    tracing::info!(gitlab = %client.base_url(), git_host = %host, "Flux commit statuses are on for agents that opt in (kas.sync_status)");
+    Ok(Some((Arc::new(client), host)))
+}
+
+/// The sync-status watcher's settings, from the configuration.
+fn sync_settings(config: &Config, gitlab_host: String) -> SyncSettings {
+    SyncSettings {
+        interval: config.sync_status_interval,
+        gitlab_host,
+        // Long enough that claims are rare, short enough that a dead replica's agents are
+        // watched again soon.
+        lease: (config.sync_status_interval * 6).max(std::time::Duration::from_secs(30)),
+        max_list_bytes: config.tunnel_max_response_body,
+        retention: config.event_retention,
     }
 }
 

@@ -31,6 +31,8 @@ struct Answer {
     tunnels: Vec<TunnelCount>,
     #[serde(default)]
     cluster_actions: Vec<crate::store::ActionRecord>,
+    #[serde(default)]
+    sync: Vec<crate::store::KustomizationState>,
 }
 
 /// Runs `kas agents`.
@@ -58,6 +60,7 @@ pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), 
             "pods": answer.pods,
             "tunnels": answer.tunnels,
             "cluster_actions": answer.cluster_actions,
+            "sync": answer.sync,
         }))
         .expect("serializable");
         return writeln!(out, "{text}").map_err(io);
@@ -107,6 +110,29 @@ pub async fn run(args: AgentsArgs, out: &mut impl std::io::Write) -> Result<(), 
     for a in answer.cluster_actions.iter().filter(|a| seen.insert(a.agent)) {
         writeln!(out, "{:<8} {:<8} {:<14} {:<20} {}", a.agent, a.seq, a.outcome, format_time(a.done_at), a.detail)
             .map_err(io)?;
+    }
+    writeln!(out, "\nFLUX SYNC (last state per Kustomization)").map_err(io)?;
+    writeln!(
+        out,
+        "{:<8} {:<32} {:<8} {:<12} {:<20} {:<20} REVISION",
+        "AGENT", "KUSTOMIZATION", "STATE", "STATUS", "PROJECT", "AT"
+    )
+    .map_err(io)?;
+    for k in answer.sync {
+        let name = format!("{}/{}", k.namespace, k.name);
+        let project = k.project.as_deref().unwrap_or("-");
+        writeln!(
+            out,
+            "{:<8} {:<32} {:<8} {:<12} {:<20} {:<20} {}",
+            k.agent,
+            name,
+            k.state,
+            k.reported,
+            project,
+            format_time(k.updated_at),
+            k.revision
+        )
+        .map_err(io)?;
     }
     Ok(())
 }

@@ -611,7 +611,7 @@ impl GitLabClient {
 /// The body of `response`, refused as soon as it is known to exceed `max` bytes: by its
 /// `Content-Length`, or while it streams in (dropping the response closes the connection, so
 /// nothing more is read).
-async fn read_at_most(mut response: reqwest::Response, max: usize) -> Result<bytes::Bytes, GitLabError> {
+pub(crate) async fn read_at_most(mut response: reqwest::Response, max: usize) -> Result<bytes::Bytes, GitLabError> {
     if response.content_length().is_some_and(|n| n > max as u64) {
         return Err(GitLabError::TooLarge(max));
     }

@@ -6,6 +6,7 @@ pub mod client;
 pub mod config_source;
 pub mod directory;
 pub mod jwt;
+pub mod statuses;
 
 pub use client::GitLabClient;
 pub use config_source::GitLabConfigSource;

@@ -136,11 +136,19 @@ async fn agents(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> 
             return error::HttpError::from(e).into_response();
         }
     };
-    match listed.await {
-        Ok((connections, pods, tunnels)) => {
-            Json(json!({ "connections": connections, "pods": pods, "tunnels": tunnels, "cluster_actions": actions }))
-                .into_response()
+    // The last state Flux reported per agent and Kustomization (sync status).
+    let sync = match app.store.kustomizations(1000).await {
+        Ok(sync) => sync,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list Flux sync states");
+            return error::HttpError::from(e).into_response();
         }
+    };
+    match listed.await {
+        Ok((connections, pods, tunnels)) => Json(json!({
+            "connections": connections, "pods": pods, "tunnels": tunnels, "cluster_actions": actions, "sync": sync,
+        }))
+        .into_response(),
         Err(e) => error::HttpError::from(e).into_response(),
     }
 }

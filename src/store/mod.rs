@@ -253,15 +253,75 @@ pub trait ActionLog: Send + Sync + 'static {
     async fn prune_actions(&self, before: i64) -> Result<u64, StoreError>;
 }
 
+/// A commit status kas posted to GitLab for a Flux result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostedStatus {
+    /// Full project path.
+    pub project: String,
+    /// Commit sha.
+    pub sha: String,
+    /// `flux/<agent>/<namespace>/<kustomization>`.
+    pub name: String,
+    /// `running`, `success` or `failed`.
+    pub state: String,
+    /// The agent whose cluster reported it.
+    pub agent: AgentId,
+    /// Unix milliseconds.
+    pub posted_at: i64,
+}
+
+/// The last state Flux reported for one of an agent's Kustomizations.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KustomizationState {
+    /// The agent.
+    pub agent: AgentId,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The revision Flux names (`main@sha1:…`).
+    pub revision: String,
+    /// `running`, `success` or `failed`.
+    pub state: String,
+    /// The GitLab project it maps to, when it does.
+    pub project: Option<String>,
+    /// The commit it maps to, when it does.
+    pub sha: Option<String>,
+    /// Flux's message.
+    pub message: String,
+    /// What kas did with it: `posted`, `queued`, `not_allowed`, `unmapped`, `off`.
+    pub reported: String,
+    /// Unix milliseconds.
+    pub updated_at: i64,
+}
+
+/// Flux results as commit statuses: what was posted (so each status is posted once, also
+/// across replicas and restarts) and the last state per agent and Kustomization.
+#[async_trait]
+pub trait StatusLog: Send + Sync + 'static {
+    /// Whether this (project, sha, name, state) was posted.
+    async fn status_posted(&self, project: &str, sha: &str, name: &str, state: &str) -> Result<bool, StoreError>;
+    /// Records a posted status; false when it was recorded already.
+    async fn record_status(&self, status: &PostedStatus) -> Result<bool, StoreError>;
+    /// Creates or replaces the last state of one Kustomization.
+    async fn set_kustomization(&self, state: &KustomizationState) -> Result<(), StoreError>;
+    /// The last states, by agent, namespace and name, at most `limit`.
+    async fn kustomizations(&self, limit: i64) -> Result<Vec<KustomizationState>, StoreError>;
+    /// When kas first recorded a push of `sha` to `project` (the end-to-end figure's start).
+    async fn push_received(&self, project: &str, sha: &str) -> Result<Option<i64>, StoreError>;
+    /// Forgets statuses posted before `before`; returns how many.
+    async fn prune_statuses(&self, before: i64) -> Result<u64, StoreError>;
+}
+
 /// Every storage role at once, as a backend implements them; a consumer that needs one role
 /// takes that trait (`Arc<dyn Store>` upcasts to any of them).
 pub trait Store:
-    Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore + ActionLog
+    Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore + ActionLog + StatusLog
 {
 }
 
 impl<T> Store for T where
-    T: Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore + ActionLog
+    T: Lifecycle + AgentRegistry + Credentials + ProjectRegistry + EventLog + PositionStore + ActionLog + StatusLog
 {
 }
 

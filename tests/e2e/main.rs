@@ -18,4 +18,5 @@ mod security;
 mod server;
 mod store_story;
 mod streams;
+mod sync;
 mod tunnel;

@@ -239,3 +239,54 @@ async fn large_batch_story(db: TestDb) {
     store.close().await;
 }
 crate::both_backends!(large_batch, large_batch_story);
+
+/// Commit statuses posted for Flux results: once per (project, sha, name, state); the last
+/// state per agent and Kustomization replaced in place; the first push of a commit; pruning.
+async fn status_log_story(db: TestDb) {
+    use kas::store::{KustomizationState, PostedStatus};
+    let store = db.open_store().await;
+    let sha = "b".repeat(40);
+    let posted = |state: &str, at| PostedStatus {
+        project: "g/p".into(),
+        sha: sha.clone(),
+        name: "flux/prod/flux-system/apps".into(),
+        state: state.into(),
+        agent: 7,
+        posted_at: at,
+    };
+    assert!(!store.status_posted("g/p", &sha, "flux/prod/flux-system/apps", "running").await.unwrap());
+    assert!(store.record_status(&posted("running", 1000)).await.unwrap());
+    assert!(!store.record_status(&posted("running", 2000)).await.unwrap(), "recorded twice");
+    assert!(store.record_status(&posted("success", 3000)).await.unwrap());
+    assert!(store.status_posted("g/p", &sha, "flux/prod/flux-system/apps", "running").await.unwrap());
+    assert!(!store.status_posted("g/p", &sha, "flux/other/flux-system/apps", "running").await.unwrap());
+
+    let mut k = KustomizationState {
+        agent: 7,
+        namespace: "flux-system".into(),
+        name: "apps".into(),
+        revision: format!("main@sha1:{sha}"),
+        state: "running".into(),
+        project: Some("g/p".into()),
+        sha: Some(sha.clone()),
+        message: "Reconciliation in progress".into(),
+        reported: "queued".into(),
+        updated_at: 1000,
+    };
+    store.set_kustomization(&k).await.unwrap();
+    k.state = "success".into();
+    k.project = None;
+    k.updated_at = 2000;
+    store.set_kustomization(&k).await.unwrap();
+    assert_eq!(store.kustomizations(10).await.unwrap(), vec![k]);
+
+    assert_eq!(store.push_received("g/p", &sha).await.unwrap(), None);
+    store.record_pushes(&[push("k1", 1, "g/p", None, 500), push("k2", 1, "g/p", None, 400)]).await.unwrap();
+    assert_eq!(store.push_received("g/p", &sha).await.unwrap(), Some(400));
+    assert_eq!(store.push_received("g/other", &sha).await.unwrap(), None);
+
+    assert_eq!(store.prune_statuses(2000).await.unwrap(), 1);
+    assert!(!store.status_posted("g/p", &sha, "flux/prod/flux-system/apps", "running").await.unwrap());
+    store.close().await;
+}
+crate::both_backends!(status_log, status_log_story);

@@ -19,6 +19,7 @@ mod events;
 mod positions;
 mod registry;
 mod rows;
+mod statuses;
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migrate, Migrator};

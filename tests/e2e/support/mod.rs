@@ -10,6 +10,7 @@ pub mod gitlab;
 pub mod kube;
 pub mod process;
 pub mod redis;
+pub mod sync;
 pub mod tunnel;
 pub mod wire;
 
