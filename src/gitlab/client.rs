@@ -310,18 +310,8 @@ impl GitLabClient {
         metrics: Arc<Metrics>,
         limits: CallLimits,
     ) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(CALL_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .user_agent(concat!("kas/", env!("CARGO_PKG_VERSION")))
-            .tls_certs_merge(extra_roots)
-            .build()
-            .map_err(|e| e.to_string())?;
-        let mut base = reqwest::Url::parse(&format!("{}/", base.trim_end_matches('/')))
-            .map_err(|e| format!("{}: {e}", redact_url(base)))?;
-        let _ = base.set_username("");
-        let _ = base.set_password(None);
+        let http = http_client(extra_roots)?;
+        let base = api_base(base)?;
         Ok(Self {
             http,
             base,
@@ -643,6 +633,29 @@ pub fn redact_url(url: &str) -> String {
         Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
         None => url.to_owned(),
     }
+}
+
+/// The HTTP client kas calls GitLab with: no redirects (a redirect could carry the token
+/// elsewhere), deadlines, kas's user agent, and the extra CA certificates.
+pub(crate) fn http_client(extra_roots: Vec<reqwest::Certificate>) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(CALL_TIMEOUT)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .user_agent(concat!("kas/", env!("CARGO_PKG_VERSION")))
+        .tls_certs_merge(extra_roots)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// GitLab's URL as kas joins API paths onto it: with a trailing slash and never a user or
+/// password (the errors name it redacted).
+pub(crate) fn api_base(base: &str) -> Result<reqwest::Url, String> {
+    let mut url = reqwest::Url::parse(&format!("{}/", base.trim_end_matches('/')))
+        .map_err(|e| format!("{}: {e}", redact_url(base)))?;
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    Ok(url)
 }
 
 #[cfg(test)]

@@ -5,18 +5,13 @@
 //! a failure may pass.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::config::Secret;
-use crate::gitlab::client::{GitLabError, read_at_most, redact_url};
+use crate::gitlab::client::{GitLabError, api_base, http_client, read_at_most, redact_url};
 use crate::metrics::Metrics;
 
-/// Longest wait for one call, connection included.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest wait for the TCP/TLS connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest answer read (a status is about 1 KiB of JSON).
 const MAX_ANSWER: usize = 64 * 1024;
 
@@ -90,21 +85,11 @@ impl StatusClient {
         extra_roots: Vec<reqwest::Certificate>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(CALL_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .user_agent(concat!("kas/", env!("CARGO_PKG_VERSION")))
-            .tls_certs_merge(extra_roots)
-            .build()
-            .map_err(|e| e.to_string())?;
-        let mut base = reqwest::Url::parse(&format!("{}/", base.trim_end_matches('/')))
-            .map_err(|e| format!("{}: {e}", redact_url(base)))?;
+        let http = http_client(extra_roots)?;
+        let base = api_base(base)?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(format!("{}: not an http(s) URL", redact_url(base.as_str())));
         }
-        let _ = base.set_username("");
-        let _ = base.set_password(None);
         Ok(Self { http, base, token, metrics })
     }
 

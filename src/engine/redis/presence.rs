@@ -157,12 +157,7 @@ impl Presence for RedisEngine {
     }
 
     async fn connections(&self) -> Result<Vec<ConnectionRecord>, EngineError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZRANGEBYSCORE")
-            .arg(&self.keys.replicas)
-            .arg(self.clock.now_ms() - REPLICA_TTL.as_millis() as i64)
-            .arg("+inf");
-        let (replicas,): (Vec<String>,) = self.run(&pipe).await?;
+        let replicas = self.live_replicas().await?;
         if replicas.is_empty() {
             return Ok(Vec::new());
         }
